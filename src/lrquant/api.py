@@ -1,0 +1,220 @@
+"""Python API.
+
+* :func:`quantize` — quantize a model already in memory with a :class:`~lrquant.config.Recipe`.
+* :func:`run` — the whole job behind ``lrquant quantize``: load, FP baseline, quantize, evaluate, save a
+  fake-quant checkpoint, the recipe as run, a log and ``results.json`` (all written atomically).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Recipe
+from .engine import BlockReport, EngineResult, layer_errors, quantize_blocks
+from .errors import LrquantError
+from .io import atomic_write_json
+from .methods import get_method
+from .models import cache_dir, load_model
+
+log = logging.getLogger("lrquant")
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize` returns: the (same, now quantized) model and per-block reports."""
+
+    model: nn.Module
+    reports: list[BlockReport]
+    calib_time_s: float
+    online_ops: list[str]
+
+
+def calibration_data(recipe: Recipe, tokenizer: Any, data_dir: str | None = None) -> torch.Tensor:
+    """``[nsamples, seqlen]`` token ids for ``recipe.calib``."""
+    from .data.text import calibration_batches
+
+    c = recipe.calib
+    return calibration_batches(tokenizer, c.dataset, c.nsamples, c.seqlen, seed=c.seed, data_dir=data_dir)
+
+
+def quantize(
+    model: nn.Module,
+    recipe: Recipe,
+    calib: torch.Tensor | list[dict[str, torch.Tensor]] | None = None,
+    *,
+    tokenizer: Any = None,
+    device: str | torch.device = "cpu",
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    data_dir: str | None = None,
+    model_name: str = "",
+) -> QuantizeResult:
+    """Quantize ``model`` in place.
+
+    ``calib``: ``[N, L]`` token ids, a list of model-input dicts, or ``None`` to draw ``recipe.calib``
+    from its corpus with ``tokenizer``.
+    """
+    method = get_method(recipe.method)(recipe)
+    if calib is None:
+        if tokenizer is None:
+            raise LrquantError("quantize() needs calibration data or a tokenizer to draw it")
+        calib = calibration_data(recipe, tokenizer, data_dir)
+    result: EngineResult = quantize_blocks(
+        model, method, recipe, calib, device=device,
+        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None, resume=resume,
+        model_name=model_name, progress=progress,
+    )
+    return QuantizeResult(model, result.reports, result.seconds, list(getattr(method, "online_ops", [])))
+
+
+# ---- the full job -------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    """What :func:`run` returns: the results dict written to ``results.json`` and the quantized model."""
+
+    results: dict[str, Any]
+    model: nn.Module
+    tokenizer: Any
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def evaluate_ppl(
+    model: nn.Module, tokenizer: Any, datasets: list[str], seqlen: int, windows: int | None,
+    data_dir: str | None, device: str | torch.device, progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """``{dataset: {"ppl", "windows", "total_windows", "seconds"}}``."""
+    from .data.text import eval_tokens
+    from .eval.perplexity import perplexity
+
+    out = {}
+    for name in datasets:
+        tokens = eval_tokens(tokenizer, name, data_dir=data_dir)
+        r = perplexity(model, tokens, seqlen=seqlen, max_windows=windows, device=device, progress=progress)
+        out[name] = {"ppl": r.ppl, "windows": r.windows, "total_windows": r.total_windows,
+                     "seconds": round(r.seconds, 2)}
+    return out
+
+
+def _fp_ppl_cached(model_key: str, model: nn.Module, tokenizer: Any, datasets: list[str], seqlen: int,
+                   windows: int | None, data_dir: str | None, device: Any, progress: bool) -> dict[str, Any]:
+    """FP perplexity, cached per (model, dataset, data source, seqlen, windows) in the user cache."""
+    out: dict[str, Any] = {}
+    for name in datasets:
+        key = json.dumps([model_key, name, str(data_dir or os.environ.get("LRQUANT_DATA_DIR", "")),
+                          seqlen, windows], sort_keys=True)
+        path = cache_dir() / "fp_ppl" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+        if path.is_file():
+            out[name] = json.loads(path.read_text())
+            continue
+        out[name] = evaluate_ppl(model, tokenizer, [name], seqlen, windows, data_dir, device, progress)[name]
+        atomic_write_json(path, out[name])
+    return out
+
+
+def _save_model(model: nn.Module, tokenizer: Any, target: Path) -> None:
+    """Save a fake-quant checkpoint plain transformers loads, atomically (temp folder, then rename)."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".model."))
+    try:
+        config = getattr(model, "config", None)
+        impl = getattr(config, "_attn_implementation", None)
+        if config is not None and impl == "lrquant":
+            config._attn_implementation = "sdpa"
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            if config is not None and impl == "lrquant":
+                config._attn_implementation = impl
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def run(
+    model_name: str,
+    recipe: Recipe,
+    output_dir: str | Path,
+    *,
+    eval_datasets: list[str] | None = None,
+    eval_seqlen: int = 2048,
+    eval_windows: int | None = None,
+    data_dir: str | None = None,
+    device: str = "cpu",
+    resume: bool = False,
+    overwrite: bool = False,
+    save_model: bool = True,
+    progress: bool = True,
+) -> RunResult:
+    """Run one quantization job end to end; writes ``results.json`` (also returned) and the model."""
+    out = Path(output_dir)
+    if (out / "results.json").exists() and not (overwrite or resume):
+        raise LrquantError(f"{out} already holds a finished run; pass --overwrite or choose another --output")
+    if (out / "checkpoint").exists() and not resume and not overwrite:
+        raise LrquantError(f"{out} holds an interrupted run; pass --resume to continue it or --overwrite")
+    if overwrite and not resume:
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        recipe.save(out / "recipe.yaml")
+        model, tokenizer, display = load_model(model_name)
+        log.info("model %s, method %s, scheme %s", display, recipe.method, recipe.scheme.name())
+        eval_datasets = eval_datasets or []
+        results: dict[str, Any] = {
+            "model": display, "method": recipe.method, "scheme": asdict(recipe.scheme),
+            "scheme_name": recipe.scheme.name(), "recipe": recipe.to_dict(),
+            "eval": {"seqlen": eval_seqlen, "windows": eval_windows},
+        }
+        if eval_datasets:
+            fp = _fp_ppl_cached(display, model, tokenizer, eval_datasets, eval_seqlen, eval_windows, data_dir,
+                                device, progress)
+            results["fp_ppl"] = {k: v["ppl"] for k, v in fp.items()}
+            for k, v in fp.items():
+                log.info("FP %s perplexity %.4f (%d of %d windows)", k, v["ppl"], v["windows"], v["total_windows"])
+        t0 = time.time()
+        qr = quantize(model, recipe, tokenizer=tokenizer, device=device, checkpoint_dir=out / "checkpoint",
+                      resume=resume, progress=progress, data_dir=data_dir, model_name=display)
+        results["calib_time_s"] = round(time.time() - t0, 2)
+        results["blocks"] = [asdict(r) for r in qr.reports]
+        results["layer_errors"] = layer_errors(model)
+        results["online_ops"] = qr.online_ops
+        if eval_datasets:
+            q = evaluate_ppl(model, tokenizer, eval_datasets, eval_seqlen, eval_windows, data_dir, device, progress)
+            results["ppl"] = {k: v["ppl"] for k, v in q.items()}
+            results["eval"]["detail"] = q
+            for k, v in q.items():
+                log.info("quantized %s perplexity %.4f (FP %.4f)", k, v["ppl"], results["fp_ppl"][k])
+        results["peak_rss_gb"] = round(peak_rss_gb(), 3)
+        if torch.cuda.is_available():
+            results["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+        if save_model:
+            _save_model(model, tokenizer, out / "model")
+        atomic_write_json(out / "results.json", results)
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+        return RunResult(results, model, tokenizer)
+    finally:
+        log.removeHandler(handler)
+        handler.close()

@@ -1,0 +1,179 @@
+"""``lrquant`` command line: a thin shim over :mod:`lrquant.api`.
+
+Bad input ends with one line on stderr and exit status 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import CalibArgs, Recipe, Scheme, TrainArgs
+from .errors import LrquantError
+
+log = logging.getLogger("lrquant")
+
+
+def _data_dir(args: argparse.Namespace) -> str | None:
+    return args.data_dir or os.environ.get("LRQUANT_DATA_DIR")
+
+
+def _default_eval(args: argparse.Namespace) -> list[str]:
+    if args.eval is not None:
+        return [x for x in args.eval.split(",") if x and x != "none"]
+    return ["wikitext2"] if _data_dir(args) else ["default"]
+
+
+def build_recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe file (if any) with every explicitly given flag on top."""
+    recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
+    if args.method is not None:
+        recipe.method = args.method.lower()
+    if any(v is not None for v in (args.wbits, args.abits, args.group_size, args.kv_bits)) or not args.recipe:
+        old = recipe.scheme
+        wbits = args.wbits if args.wbits is not None else old.wbits
+        abits = args.abits if args.abits is not None else old.abits
+        if args.group_size is not None:
+            group = args.group_size or None
+        elif old.weights is not None and old.weights.strategy == "group":
+            group = old.weights.group_size
+        else:
+            group = None if args.recipe else 64
+        kv = args.kv_bits if args.kv_bits is not None else (old.kv_cache.num_bits if old.kv_cache else None)
+        recipe.scheme = Scheme.from_bits(wbits, abits, group, w_symmetric=args.w_sym, kv_bits=kv)
+    c = recipe.calib
+    recipe.calib = CalibArgs(
+        dataset=args.calib or c.dataset, nsamples=args.nsamples or c.nsamples, seqlen=args.seqlen or c.seqlen,
+        seed=args.seed if args.seed is not None else c.seed,
+    )
+    t = recipe.train
+    lr = dict(t.lr)
+    for item in args.lr or []:
+        key, _, value = item.partition("=")
+        try:
+            lr[key] = float(value)
+        except ValueError as exc:
+            raise LrquantError(f"--lr takes NAME=VALUE, got {item!r}") from exc
+    recipe.train = TrainArgs(
+        epochs=args.epochs if args.epochs is not None else t.epochs,
+        batch_size=args.batch_size or t.batch_size, lr=lr, weight_decay=t.weight_decay,
+        seed=args.seed if args.seed is not None else t.seed,
+    )
+    for item in args.option or []:
+        key, _, value = item.partition("=")
+        import yaml
+
+        recipe.options[key] = yaml.safe_load(value)
+    return Recipe.from_dict(recipe.to_dict())  # validate the combination
+
+
+def _print_summary(results: dict, out: Path) -> None:
+    print(f"\nmethod {results['method']}  scheme {results['scheme_name']}  calibration {results['calib_time_s']:.1f}s"
+          f"  peak RSS {results['peak_rss_gb']:.2f} GB")
+    for name, ppl in results.get("ppl", {}).items():
+        detail = results["eval"].get("detail", {}).get(name, {})
+        fp = results.get("fp_ppl", {}).get(name, float("nan"))
+        windows = f"{detail.get('windows')} of {detail.get('total_windows')} windows" if detail else ""
+        print(f"{name:>12}  FP ppl {fp:9.3f}   quantized ppl {ppl:9.3f}   ({windows} x {results['eval']['seqlen']})")
+    print(f"run folder: {out}  (results.json, recipe.yaml, run.log, model/)")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .api import run
+
+    recipe = build_recipe(args)
+    out = Path(args.output or f"runs/{recipe.method}-{recipe.scheme.name()}")
+    windows = None if args.eval_windows == 0 else args.eval_windows
+    result = run(
+        args.model, recipe, out, eval_datasets=_default_eval(args), eval_seqlen=args.eval_seqlen,
+        eval_windows=windows, data_dir=_data_dir(args), device=args.device, resume=args.resume,
+        overwrite=args.overwrite, save_model=not args.no_save, progress=not args.quiet,
+    )
+    _print_summary(result.results, out)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .api import evaluate_ppl
+    from .models import load_model
+
+    model, tokenizer, display = load_model(args.model)
+    windows = None if args.eval_windows == 0 else args.eval_windows
+    res = evaluate_ppl(model, tokenizer, _default_eval(args), args.eval_seqlen, windows, _data_dir(args),
+                       args.device, progress=not args.quiet)
+    print(f"model {display}")
+    for name, r in res.items():
+        print(f"{name:>12}  ppl {r['ppl']:9.3f}   ({r['windows']} of {r['total_windows']} windows x {args.eval_seqlen})")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded SmolLM2-135M), a hub id, a local folder or a .gguf file")
+    p.add_argument("--eval", default=None,
+                   help="comma list of corpora to measure perplexity on (wikitext2, ptb, c4, default, a file; "
+                        "'none' to skip); default wikitext2 with a data dir, else the offline default corpus")
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-windows", type=int, default=16,
+                   help="evaluate only the first N windows (0 = all; the full WikiText-2 test set is ~140 "
+                        "windows of 2048 tokens for SmolLM2)")
+    p.add_argument("--data-dir", default=None, help="folder with local corpora (or set LRQUANT_DATA_DIR)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lrquant", description="Learnable post-training quantization")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and measure what it kept")
+    _common(q)
+    q.add_argument("--method", default=None, help="rtn (default), ... (see README)")
+    q.add_argument("--recipe", default=None, help="YAML/JSON recipe; explicit flags override it")
+    q.add_argument("--wbits", type=int, default=None, help="weight bits (2-8, 16 = none; default 4)")
+    q.add_argument("--abits", type=int, default=None, help="activation bits (4-8, 16 = none; default 16)")
+    q.add_argument("--group-size", type=int, default=None, help="weight group size (0 = per channel; default 64)")
+    q.add_argument("--w-sym", action="store_true", help="symmetric weights (default asymmetric)")
+    q.add_argument("--kv-bits", type=int, default=None,
+                   help="Q/K/V bits (default: the activation bits in W-A settings; 16 = off)")
+    q.add_argument("--calib", default=None, help="calibration corpus (default, wikitext2, ptb, c4 or a file)")
+    q.add_argument("--nsamples", type=int, default=None)
+    q.add_argument("--seqlen", type=int, default=None)
+    q.add_argument("--seed", type=int, default=None)
+    q.add_argument("--epochs", type=int, default=None)
+    q.add_argument("--batch-size", type=int, default=None)
+    q.add_argument("--lr", action="append", metavar="NAME=VALUE", help="learning rate per parameter group")
+    q.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option (YAML value)")
+    q.add_argument("--output", default=None, help="run folder (default runs/<method>-<scheme>)")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
+    q.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
+    q.add_argument("--no-save", action="store_true", help="do not write the fake-quant checkpoint")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="evaluate a model (or a run's model/ folder)")
+    _common(e)
+    e.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    for noisy in ("transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except LrquantError as exc:
+        print(f"lrquant: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lrquant: interrupted; finished blocks are checkpointed, continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

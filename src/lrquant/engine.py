@@ -1,0 +1,345 @@
+"""The block-wise engine. It knows no method by name.
+
+For each transformer block, in order::
+
+    fp_out  = block_fp(fp_in)            # FP targets (FP block on the FP stream)
+    method.prepare_block(ctx)            # structure: wrap linears, attach quantizers/transforms
+    method.quantize_block(ctx)           # train on (q_in -> fp_out), fold, freeze
+    q_out   = block_q(q_in)              # push the quantized stream forward
+    checkpoint(block)                    # every tensor of the block, atomically
+
+Streams are ``[N, L, H]`` tensors (N calibration samples of L tokens). Only the current block lives on the
+compute device; streams stay on the device while small and go to CPU otherwise. Resuming replays the
+finished blocks (FP forward, restore the saved tensors, quantized forward) in exactly the same order as
+the uninterrupted run, so a resumed run ends with bit-identical weights. Every random choice inside a
+block uses a generator seeded from (seed, block index), so the result does not depend on where a run was
+interrupted.
+
+Data parallel (later): a method's training step averages gradients with ``ctx.all_reduce_grads`` when
+``torch.distributed`` is initialised and shards samples by rank; the engine is otherwise unchanged.
+Larger-than-RAM models: blocks are only touched through ``mapping.blocks`` one at a time, so a loader
+that materialises block i from safetensors shards can sit behind the same loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch.base import ArchMapping, get_mapping
+from .config import Recipe
+from .errors import LrquantError
+from .io import atomic_save_tensors, atomic_write_json
+from .quant.quantizers import quant_linears
+
+log = logging.getLogger("lrquant")
+
+STREAM_DEVICE_LIMIT_BYTES = 2 * 1024**3
+
+
+class _Captured(Exception):
+    """Raised by the block-0 pre-hook to stop the model forward once the inputs are captured."""
+
+
+@dataclass
+class BlockReport:
+    """What one block's quantization did (goes into results.json)."""
+
+    block: int
+    init_loss: float | None = None
+    final_loss: float | None = None
+    losses: list[float] = field(default_factory=list)
+    out_rel_err: float | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BlockContext:
+    """Everything a method sees of one block.
+
+    ``fp_in, q_in, fp_out``: ``[N, L, H]`` streams; ``kwargs``: the keyword arguments the block needs
+    (attention mask, position ids/embeddings), captured once, broadcast over the batch.
+    """
+
+    index: int
+    name: str
+    block: nn.Module
+    mapping: ArchMapping
+    config: Any
+    recipe: Recipe
+    fp_in: torch.Tensor
+    q_in: torch.Tensor
+    fp_out: torch.Tensor
+    kwargs: dict[str, Any]
+    device: torch.device
+    generator: torch.Generator
+    report: BlockReport
+    on_progress: Callable[[str], None] = lambda _msg: None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the block on ``x: [B, L, H]`` (moved to the compute device) -> ``[B, L, H]``."""
+        return run_block(self.block, x.to(self.device), self.kwargs)
+
+    def batches(self, batch_size: int, shuffle: bool = True) -> Iterator[torch.Tensor]:
+        """Sample indices ``[B]`` over ``N`` (this rank's shard under torch.distributed)."""
+        n = self.q_in.shape[0]
+        order = torch.randperm(n, generator=self.generator) if shuffle else torch.arange(n)
+        if dist.is_available() and dist.is_initialized():
+            order = order[dist.get_rank() :: dist.get_world_size()]
+        for i in range(0, len(order), batch_size):
+            yield order[i : i + batch_size]
+
+    @staticmethod
+    def all_reduce_grads(params: list[torch.Tensor]) -> None:
+        """Average gradients across ranks (no-op without torch.distributed)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        world = dist.get_world_size()
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """One block forward: ``x [B, L, H] -> [B, L, H]`` (tuple outputs reduced to the hidden states)."""
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_stream(block: nn.Module, stream: torch.Tensor, kwargs: dict[str, Any], device: torch.device,
+               batch_size: int = 1) -> torch.Tensor:
+    """Apply ``block`` to every sample of ``stream [N, L, H]``; the output stays where the input was."""
+    out = torch.empty_like(stream)
+    for i in range(0, stream.shape[0], batch_size):
+        out[i : i + batch_size] = run_block(block, stream[i : i + batch_size].to(device), kwargs).to(stream.device)
+    return out
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, mapping: ArchMapping, batches: torch.Tensor | list[dict[str, torch.Tensor]],
+    device: torch.device, input_name: str = "input_ids",
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Run the model up to block 0 for every sample and keep block 0's inputs.
+
+    ``batches``: ``[N, L]`` token ids (or a list of model-input dicts, e.g. pixel values) ->
+    ``(hidden [N, L, H] on CPU, kwargs)``. The kwargs of the first sample are kept (same length for
+    all samples, so they are identical); caches are dropped.
+    """
+    blocks = model.get_submodule(mapping.blocks)
+    for path in mapping.pre_blocks:
+        model.get_submodule(path).to(device)
+    captured: list[torch.Tensor] = []
+    kwargs_holder: dict[str, Any] = {}
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(hidden.detach().to("cpu"))
+        if not kwargs_holder:
+            kept = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+            kwargs_holder.update(_to(kept, torch.device("cpu")))
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        items = list(batches) if isinstance(batches, list) else [batches[i : i + 1] for i in range(batches.shape[0])]
+        for item in items:
+            inputs = _to(item, device) if isinstance(item, dict) else {input_name: item.to(device)}
+            try:
+                model(**inputs, use_cache=False) if "use_cache" in _forward_params(model) else model(**inputs)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+        for path in mapping.pre_blocks:
+            model.get_submodule(path).to("cpu")
+    if not captured:
+        raise LrquantError("block 0 was never reached while capturing calibration inputs")
+    return torch.cat(captured, dim=0), kwargs_holder
+
+
+def _forward_params(model: nn.Module) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------
+def block_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (persistent or not) of ``block`` by name."""
+    out = {n: p.detach() for n, p in block.named_parameters()}
+    out.update({n: b.detach() for n, b in block.named_buffers()})
+    return out
+
+
+@torch.no_grad()
+def load_block_tensors(block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore :func:`block_tensors`; parameters absent from ``tensors`` are dropped (set to ``None``),
+    tensors whose slot is ``None`` are created (e.g. a bias added by a fold)."""
+    existing = dict(block.named_parameters())
+    for name, param in existing.items():
+        if name not in tensors:
+            owner, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(owner) if owner else block, attr, None)
+    buffers = dict(block.named_buffers())
+    for name, value in tensors.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = block.get_submodule(owner_name) if owner_name else block
+        if name in existing:
+            existing[name].data = value.to(existing[name].device).clone()
+        elif name in buffers or attr in owner._buffers:
+            owner._buffers[attr] = value.clone()
+        else:
+            setattr(owner, attr, nn.Parameter(value.clone(), requires_grad=False))
+
+
+def recipe_fingerprint(recipe: Recipe, model_name: str) -> str:
+    data = json.dumps({"recipe": recipe.to_dict(), "model": model_name}, sort_keys=True, default=str)
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+class Checkpointer:
+    """``<run>/checkpoint/state.json`` + one safetensors file per finished block, all atomic."""
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.folder = folder
+        self.fingerprint = fingerprint
+
+    def state(self) -> dict[str, Any]:
+        path = self.folder / "state.json"
+        if not path.is_file():
+            return {"fingerprint": self.fingerprint, "completed": -1, "reports": []}
+        state = json.loads(path.read_text())
+        if state.get("fingerprint") != self.fingerprint:
+            raise LrquantError(
+                f"checkpoint in {self.folder} was made with a different recipe or model; "
+                "use another --output or drop --resume"
+            )
+        return state
+
+    def save(self, index: int, block: nn.Module, reports: list[BlockReport]) -> None:
+        atomic_save_tensors(self.folder / f"block_{index:04d}.safetensors", block_tensors(block))
+        atomic_write_json(
+            self.folder / "state.json",
+            {"fingerprint": self.fingerprint, "completed": index, "reports": [asdict(r) for r in reports]},
+        )
+
+    def load(self, index: int) -> dict[str, torch.Tensor]:
+        return load_file(str(self.folder / f"block_{index:04d}.safetensors"))
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+@dataclass
+class EngineResult:
+    reports: list[BlockReport]
+    seconds: float
+    mapping: ArchMapping
+
+
+def block_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index * 7_919 + 17) % (2**63 - 1)
+
+
+def quantize_blocks(
+    model: nn.Module,
+    method: Any,
+    recipe: Recipe,
+    calib: torch.Tensor | list[dict[str, torch.Tensor]],
+    *,
+    device: torch.device | str = "cpu",
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    model_name: str = "",
+    progress: bool = True,
+) -> EngineResult:
+    """Quantize ``model`` in place, block by block, with ``method`` (see module docstring).
+
+    ``calib``: ``[N, L]`` token ids or a list of model-input dicts. Returns the per-block reports.
+    """
+    device = torch.device(device)
+    t0 = time.time()
+    mapping = get_mapping(model)
+    blocks = model.get_submodule(mapping.blocks)
+    method.prepare_model(model, mapping, calib)
+    fp_in, kwargs = capture_block_inputs(model, mapping, calib, device)
+    on_device = fp_in.numel() * fp_in.element_size() * 3 <= STREAM_DEVICE_LIMIT_BYTES
+    stream_device = device if on_device else torch.device("cpu")
+    fp_in = fp_in.to(stream_device)
+    q_in = fp_in.clone()
+    kwargs = _to(kwargs, device)
+
+    ckpt = Checkpointer(checkpoint_dir, recipe_fingerprint(recipe, model_name)) if checkpoint_dir else None
+    completed = -1
+    reports: list[BlockReport] = []
+    if ckpt is not None and resume:
+        state = ckpt.state()
+        completed = state["completed"]
+        reports = [BlockReport(**r) for r in state["reports"]]
+        if completed >= 0:
+            log.info("resuming after block %d of %d", completed, len(blocks))
+
+    bar = tqdm(total=len(blocks), desc="blocks", unit="block", disable=not progress, dynamic_ncols=True)
+    for index, block in enumerate(blocks):
+        block.to(device)
+        fp_out = run_stream(block, fp_in, kwargs, device)
+        ctx = BlockContext(
+            index=index, name=f"{mapping.blocks}.{index}", block=block, mapping=mapping, config=model.config,
+            recipe=recipe, fp_in=fp_in, q_in=q_in, fp_out=fp_out, kwargs=kwargs, device=device,
+            generator=torch.Generator().manual_seed(block_seed(recipe.train.seed, index)),
+            report=BlockReport(block=index),
+            on_progress=lambda msg, i=index: bar.set_postfix_str(f"block {i}: {msg}", refresh=True),
+        )
+        method.prepare_block(ctx)
+        if index <= completed:
+            load_block_tensors(block, ckpt.load(index))
+            method.restore_block(ctx)
+        else:
+            tb = time.time()
+            method.quantize_block(ctx)
+            ctx.report.seconds = round(time.time() - tb, 3)
+        q_out = run_stream(block, q_in, kwargs, device)
+        if index > completed:
+            ctx.report.out_rel_err = float((q_out - fp_out).pow(2).sum() / fp_out.pow(2).sum().clamp_min(1e-20))
+            reports.append(ctx.report)
+            if ckpt is not None:
+                ckpt.save(index, block, reports)
+            loss = ctx.report.final_loss if ctx.report.final_loss is not None else ctx.report.out_rel_err
+            bar.set_postfix_str(f"block {index}: loss {loss:.3g}", refresh=False)
+        fp_in, q_in = fp_out, q_out
+        block.to("cpu")
+        bar.update(1)
+    bar.close()
+    method.finalize_model(model, mapping)
+    return EngineResult(reports=reports, seconds=time.time() - t0, mapping=mapping)
+
+
+def layer_errors(model: nn.Module) -> dict[str, float]:
+    """Relative weight quantization error ``||W_q - W|| / ||W||`` per frozen linear (recorded at freeze)."""
+    return {n: float(m.quant_error) for n, m in quant_linears(model).items() if m.quant_error is not None}

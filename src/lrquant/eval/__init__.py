@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (and other metrics added alongside)."""

@@ -1,0 +1,1 @@
+"""Numeric core (pure functions) and the fake-quantizer modules built on it."""

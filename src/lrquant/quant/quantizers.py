@@ -1,0 +1,168 @@
+"""Fake-quantizer modules built on :mod:`lrquant.quant.primitives`.
+
+* :class:`UniformQuantizer` — min-max uniform quantization at any granularity, with optional learnable
+  weight clipping (LWC: per-row lower/upper factors ``sigmoid(theta)`` in (0, 1)), dynamic or static
+  (observed then frozen) parameters.
+* :class:`QuantLinear` — an ``nn.Linear`` (same parameter names, so checkpoints stay plain transformers
+  checkpoints) that fake-quantizes its input and weight. Transforms may set ``temp_weight`` /
+  ``temp_bias`` while a block trains; :meth:`QuantLinear.freeze` bakes the quantized weight in.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import QuantArgs
+from ..errors import ConfigError
+from .primitives import as_rows, fake_quant, minmax_qparams, qparams_from_range
+
+
+class UniformQuantizer(nn.Module):
+    """Uniform fake quantizer for one tensor kind.
+
+    Modes: ``dynamic`` (parameters from each input), ``observe`` (passes input through unquantized while
+    tracking the running min/max), ``static`` (frozen ``scale``/``zero_point`` buffers, see :meth:`freeze`).
+    """
+
+    def __init__(
+        self, args: QuantArgs, lwc_rows: int | None = None, lwc_init: float = 4.0, per_input: bool | None = None
+    ) -> None:
+        super().__init__()
+        self.args = args
+        self.qmin, self.qmax = args.qmin, args.qmax
+        # per_input: parameters come from each input (weights, dynamic activations) until frozen
+        self.per_input = args.dynamic if per_input is None else per_input
+        if lwc_rows is not None:
+            # theta: [rows, 1]; clipping factor = sigmoid(theta), sigmoid(4) ~ 0.982 as in OmniQuant
+            self.upbound_factor = nn.Parameter(torch.full((lwc_rows, 1), float(lwc_init)))
+            self.lowbound_factor = nn.Parameter(torch.full((lwc_rows, 1), float(lwc_init)))
+        else:
+            self.upbound_factor = None
+            self.lowbound_factor = None
+        self.register_buffer("scale", None, persistent=False)
+        self.register_buffer("zero_point", None, persistent=False)
+        self.register_buffer("obs_min", None, persistent=False)
+        self.register_buffer("obs_max", None, persistent=False)
+
+    @property
+    def mode(self) -> str:
+        """``static`` once frozen, else ``dynamic`` (per input) or ``observe`` (static, calibrating)."""
+        if self.scale is not None:
+            return "static"
+        return "dynamic" if self.per_input else "observe"
+
+    @property
+    def lwc(self) -> bool:
+        return self.upbound_factor is not None
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        return as_rows(x, self.args.strategy, self.args.group_size)
+
+    def qparams(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parameters for ``rows: [R, C]`` -> ``scale, zero_point: [R, 1]`` (or the frozen ones)."""
+        if self.mode == "static":
+            return self.scale, self.zero_point
+        if self.lwc:
+            return minmax_qparams(
+                rows, self.qmin, self.qmax, self.args.symmetric,
+                torch.sigmoid(self.lowbound_factor), torch.sigmoid(self.upbound_factor),
+            )
+        return minmax_qparams(rows, self.qmin, self.qmax, self.args.symmetric)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.rows(x)
+        if self.mode == "observe":
+            with torch.no_grad():
+                lo, hi = rows.amin(dim=-1, keepdim=True), rows.amax(dim=-1, keepdim=True)
+                if self.args.strategy == "tensor":
+                    lo, hi = lo.amin().reshape(1, 1), hi.amax().reshape(1, 1)
+                self.obs_min = lo if self.obs_min is None else torch.minimum(self.obs_min, lo)
+                self.obs_max = hi if self.obs_max is None else torch.maximum(self.obs_max, hi)
+            return x
+        scale, zp = self.qparams(rows)
+        return fake_quant(rows, scale, zp, self.qmin, self.qmax).reshape(x.shape)
+
+    @torch.no_grad()
+    def freeze(self, x: torch.Tensor | None = None) -> None:
+        """Fix the parameters: from ``x`` (e.g. the weight) or from the observed range."""
+        if x is not None:
+            scale, zp = self.qparams(self.rows(x))
+        elif self.obs_min is not None:
+            scale, zp = qparams_from_range(self.obs_min, self.obs_max, self.qmin, self.qmax, self.args.symmetric)
+        else:
+            raise ConfigError("static activation quantizer saw no calibration data before freeze()")
+        self.scale, self.zero_point = scale.detach().clone(), zp.detach().round().clone()
+        self.obs_min = self.obs_max = None
+
+    def extra_repr(self) -> str:
+        return f"{self.args.describe()}, mode={self.mode}, lwc={self.lwc}"
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` with fake-quantized input and weight.
+
+    ``x: [..., in] -> [..., out]``. Parameters keep the names ``weight [out, in]`` / ``bias [out]`` and
+    are the *same tensors* as the wrapped linear's, so state dicts are unchanged.
+    """
+
+    def __init__(
+        self, linear: nn.Linear, weight_args: QuantArgs | None, act_args: QuantArgs | None, lwc: bool = False,
+    ) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_quantizer: UniformQuantizer | None = None
+        self.input_quantizer: UniformQuantizer | None = None
+        if weight_args is not None:
+            rows = as_rows(linear.weight.detach(), weight_args.strategy, weight_args.group_size).shape[0]
+            self.weight_quantizer = UniformQuantizer(weight_args, lwc_rows=rows if lwc else None, per_input=True)
+        if act_args is not None:
+            self.input_quantizer = UniformQuantizer(act_args)
+        self.temp_weight: torch.Tensor | None = None
+        self.temp_bias: torch.Tensor | None = None
+        self.quant_error: float | None = None
+
+    @property
+    def weight_frozen(self) -> bool:
+        """True once :meth:`freeze` baked the quantized weight in (``weight_quantizer.scale`` is set)."""
+        return self.weight_quantizer is not None and self.weight_quantizer.scale is not None
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the forward uses: ``[out, in]``, fake-quantized unless already frozen."""
+        w = self.temp_weight if self.temp_weight is not None else self.weight
+        if self.weight_quantizer is not None and not self.weight_frozen:
+            w = self.weight_quantizer(w)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        b = self.temp_bias if self.temp_bias is not None else self.bias
+        return F.linear(x, self.effective_weight(), b)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Replace ``weight`` by its fake-quantized value and drop the learnable clipping factors.
+
+        The quantizer keeps ``scale`` / ``zero_point`` (``[rows, 1]``) for export.
+        """
+        if self.weight_quantizer is None or self.weight_frozen:
+            return
+        q = self.weight_quantizer
+        q.freeze(self.weight)
+        wq = q(self.weight)
+        self.quant_error = float((wq - self.weight).norm() / self.weight.norm().clamp_min(1e-20))
+        self.weight.data.copy_(wq)
+        q.upbound_factor = None
+        q.lowbound_factor = None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quant_linears(module: nn.Module) -> dict[str, QuantLinear]:
+    """All :class:`QuantLinear` submodules of ``module`` by qualified name."""
+    return {n: m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
