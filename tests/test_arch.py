@@ -3,7 +3,7 @@
 Structure: every mapped path resolves to a module of the right kind and width, and every Linear / norm
 of a block is mapped. Numerics: forward hooks show each mapped norm really feeds the mapped linears,
 and every ``SmoothPair`` really folds: scaling its channels by ``s`` on ``prev`` and ``1/s`` on
-``nexts`` leaves the logits unchanged (with a negative control showing the check can fail).
+``nexts`` leaves the logits unchanged (with negative controls showing the check can fail).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import transformers
 from torch import nn
 
 from lrquant.arch import SmoothPair, get_mapping, supported
-from lrquant.arch.base import ArchMapping, _REGISTRY
-from lrquant.arch.families import check_config
+from lrquant.arch.base import ArchMapping
+from lrquant.arch.families import OPT, check_config
 from lrquant.errors import UnsupportedArchitectureError
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB, INTER = 64, 2, 4, 2, 128, 96
@@ -34,7 +34,12 @@ class Case:
     name: str
     family: str
     build: Callable[[], nn.Module]
+    rope: bool = True
+    pair_kinds: tuple[str, ...] = ("norm", "heads", "qk", "norm", "linear")  # smooth_pairs() kinds
     base_attr: str = "model"
+
+
+QK_NORM_KINDS = ("norm", "heads", "norm", "linear")  # QK-norm: q/k scales do not fold
 
 
 def _gemma3_text_kwargs() -> dict:
@@ -51,17 +56,17 @@ CASES = [
     Case("qwen2", "qwen2", lambda: transformers.Qwen2ForCausalLM(
         transformers.Qwen2Config(**TINY, num_key_value_heads=KV_HEADS))),
     Case("qwen3", "qwen3", lambda: transformers.Qwen3ForCausalLM(
-        transformers.Qwen3Config(**TINY, num_key_value_heads=KV_HEADS, head_dim=32))),
+        transformers.Qwen3Config(**TINY, num_key_value_heads=KV_HEADS, head_dim=32)), pair_kinds=QK_NORM_KINDS),
     Case("gemma3", "gemma3", lambda: transformers.Gemma3ForCausalLM(
-        transformers.Gemma3TextConfig(**_gemma3_text_kwargs()))),
+        transformers.Gemma3TextConfig(**_gemma3_text_kwargs())), pair_kinds=QK_NORM_KINDS),
     Case("gemma3_mm", "gemma3", lambda: transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
         text_config=_gemma3_text_kwargs(),
         vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
                            image_size=28, patch_size=14),
-        mm_tokens_per_image=4))),
+        mm_tokens_per_image=4)), pair_kinds=QK_NORM_KINDS),
     Case("opt", "opt", lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
         hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, vocab_size=VOCAB,
-        ffn_dim=INTER, max_position_embeddings=64))),
+        ffn_dim=INTER, max_position_embeddings=64)), rope=False),
 ]
 
 
@@ -72,6 +77,15 @@ def _randomize(model: nn.Module, seed: int) -> nn.Module:
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.1)
     return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny matmuls: one thread is faster than several fighting over a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
@@ -88,6 +102,7 @@ def input_ids() -> torch.Tensor:
 
 
 def _cfg(model: nn.Module):
+    """The text config (Gemma3ForConditionalGeneration nests head counts in ``text_config``)."""
     return model.config.get_text_config()
 
 
@@ -113,16 +128,17 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 # ---- registry ------------------------------------------------------------------------------------
 
 
-def test_every_registered_name_is_a_transformers_class():
-    import lrquant.arch.families  # noqa: F401
+FAMILY_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                  "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "OPTForCausalLM",
+                  "LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model", "Gemma3TextModel", "Gemma3Model",
+                  "OPTModel")
 
+
+def test_family_classes_registered_and_real():
     names = supported()
-    for required in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                     "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "OPTForCausalLM",
-                     "LlamaModel", "Qwen2Model", "Qwen3Model", "Gemma3TextModel", "Gemma3Model", "OPTModel"):
-        assert required in names
-    for name in names:
-        assert isinstance(getattr(transformers, name), type), name
+    for name in FAMILY_CLASSES:
+        assert name in names
+        assert isinstance(getattr(transformers, name), type), name  # exact transformers class name
 
 
 def test_unsupported_model_names_supported_classes():
@@ -153,6 +169,25 @@ def test_family_and_base_model(case_model):
     assert base.get_submodule(base_mapping.embed_tokens) is model.get_submodule(mapping.embed_tokens)
     for p_base, p in zip(base_mapping.pre_blocks, mapping.pre_blocks, strict=True):
         assert base.get_submodule(p_base) is model.get_submodule(p)
+
+
+def test_pre_blocks_are_what_runs_before_block0(case_model, input_ids):
+    """``pre_blocks`` = the outermost modules that run before block 0 (containers of the blocks aside)."""
+    _, model = case_model
+    mapping = get_mapping(model)
+    block0 = f"{mapping.blocks}.0"
+    containers = {"", *(block0.rsplit(".", k)[0] for k in range(1, block0.count(".") + 1))}
+    called: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda _m, _a, name=name: called.append(name))
+               for name, m in model.named_modules() if name not in containers]
+    try:
+        _logits(model, input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    before = called[:called.index(block0)]
+    outermost = {n for n in before if not any(n.startswith(f"{o}.") for o in before)}
+    assert outermost == set(mapping.pre_blocks)
 
 
 def test_model_level_paths(case_model):
@@ -187,6 +222,9 @@ def test_block_linears_shapes_and_coverage(case_model):
             lin = block.get_submodule(path)
             assert isinstance(lin, nn.Linear), path
             assert (lin.in_features, lin.out_features) == expected[path], path
+        attn = block.get_submodule(mapping.attention)
+        for path in (mapping.q, mapping.k, mapping.v, mapping.o):
+            assert path.startswith(f"{mapping.attention}.") and attn.get_submodule(path.rpartition(".")[2])
         # nothing quantizable in a block is left unmapped
         found = {name for name, m in block.named_modules() if isinstance(m, nn.Linear)}
         assert found == set(mapping.linears())
@@ -211,14 +249,12 @@ def test_block_norm_paths_and_coverage(case_model):
 
 
 def test_smooth_pair_widths_and_head_arithmetic(case_model):
-    _, model = case_model
+    case, model = case_model
     mapping = get_mapping(model)
     n, kv, hd = mapping.heads(_cfg(model))
     block = _block(model, mapping)
-    kinds = [p.kind for p in mapping.smooth_pairs()]
-    assert kinds.count("norm") == 2 and kinds.count("heads") == 1
-    assert ("qk" in kinds) == (mapping.q_norm is None)
-    assert ("linear" in kinds) == (mapping.gated_mlp or mapping.mlp_act_positive_homogeneous)
+    assert tuple(p.kind for p in mapping.smooth_pairs()) == case.pair_kinds
+    assert mapping.rope == case.rope
     for pair in mapping.smooth_pairs():
         prev = block.get_submodule(pair.prev)
         nexts = [block.get_submodule(p) for p in pair.nexts]
@@ -351,7 +387,8 @@ def test_smooth_pairs_fold_exactly(case_model, input_ids):
 
 
 def test_fold_check_can_fail(case_model, input_ids):
-    """Negative controls: a wrong GQA expansion, and folding the wrong norm, both change the logits."""
+    """Negative controls: a wrong GQA expansion, RoPE-blind q/k scales and folding the wrong norm all
+    change the logits."""
     _, model = case_model
     mapping = get_mapping(model)
     ref = _logits(model, input_ids)
@@ -361,6 +398,12 @@ def test_fold_check_can_fail(case_model, input_ids):
         (heads,) = [p for p in mapping.smooth_pairs() if p.kind == "heads"]
         with _restored(_block(model, mapping)):
             _fold(model, mapping, heads, _pair_scale(mapping, model, heads, gen), wrong_gqa=True)
+            assert (_logits(model, input_ids) - ref).abs().max() > 1e-3 * ref.abs().max()
+    if mapping.rope and "qk" in [p.kind for p in mapping.smooth_pairs()]:
+        # q/k scales that differ inside a rotated (d, d + hd/2) pair do not commute with RoPE
+        (qk,) = [p for p in mapping.smooth_pairs() if p.kind == "qk"]
+        with _restored(_block(model, mapping)):
+            _fold(model, mapping, qk, 2 ** (torch.rand(kv * mapping.heads(_cfg(model))[2], generator=gen) * 2 - 1))
             assert (_logits(model, input_ids) - ref).abs().max() > 1e-3 * ref.abs().max()
     # pretend the MLP is fed by the other residual-width norm of the block
     decoy = mapping.post_attn_norm or mapping.attn_norm
@@ -385,7 +428,6 @@ def test_check_config_accepts_tiny_models(case_model):
     (dict(word_embed_proj_dim=32), "project_in"),
 ])
 def test_opt_config_check_refuses_other_layouts(override, words):
-    mapping = _REGISTRY["OPTForCausalLM"]
     config = transformers.OPTConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, **override)
     with pytest.raises(UnsupportedArchitectureError, match=words):
-        check_config(mapping, config)
+        check_config(OPT, config)

@@ -58,8 +58,11 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     log.info("converting %s to an fp32 transformers checkpoint (once) in %s", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # the weights are now plain fp32: forget that they came from a quantized GGUF
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
     model.config.name_or_path = gguf.stem
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))

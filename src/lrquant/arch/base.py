@@ -11,6 +11,7 @@ paths relative to one block.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -67,6 +68,8 @@ class ArchMapping:
     n_kv_heads_attr: str | None = "num_key_value_heads"
     head_dim_attr: str | None = "head_dim"
     hidden_attr: str = "hidden_size"
+    # config -> why this static mapping does not describe it (None when it does)
+    config_check: Callable[[Any], str | None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ---- derived -----------------------------------------------------------------------------------
@@ -80,7 +83,9 @@ class ArchMapping:
         return (self.q, self.k, self.v, self.o, *self.mlp_in, self.mlp_out)
 
     def heads(self, config: Any) -> tuple[int, int, int]:
-        """``(num_heads, num_kv_heads, head_dim)`` from a transformers config."""
+        """``(num_heads, num_kv_heads, head_dim)`` from a transformers config (text part of multimodal)."""
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()
         n = getattr(config, self.n_heads_attr)
         kv = getattr(config, self.n_kv_heads_attr, None) if self.n_kv_heads_attr else None
         kv = kv or n
@@ -135,19 +140,32 @@ def register_family(
 
 
 def supported() -> list[str]:
+    from . import families, vision  # noqa: F401  (registers the built-in families)
+
     return sorted(_REGISTRY)
 
 
 def get_mapping(model: nn.Module) -> ArchMapping:
     """The mapping registered for ``type(model)`` or its nearest registered base class."""
-    from . import families  # noqa: F401  (registers the built-in families)
+    from . import families, vision  # noqa: F401  (registers the built-in families)
 
     for cls in type(model).__mro__:
         if cls.__name__ in _REGISTRY:
-            return _REGISTRY[cls.__name__]
+            mapping = _REGISTRY[cls.__name__]
+            config = getattr(model, "config", None)
+            if config is not None:
+                check_config(mapping, config.get_text_config() if hasattr(config, "get_text_config") else config)
+            return mapping
     raise UnsupportedArchitectureError(
         f"unsupported architecture {type(model).__name__}; supported: {', '.join(supported())}"
     )
+
+
+def check_config(mapping: ArchMapping, config: Any) -> None:
+    """Raise :class:`UnsupportedArchitectureError` when ``config`` breaks an assumption of ``mapping``."""
+    problem = mapping.config_check(config) if mapping.config_check is not None else None
+    if problem:
+        raise UnsupportedArchitectureError(f"{mapping.family}: {problem}")
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:

@@ -3,32 +3,15 @@ the exact transformers class names it covers (head classes and bare base models)
 
 Paths follow the transformers 5.x modeling sources. A mapping is static; where a family's layout
 depends on its config (OPT's pre/post-LN switch, its activation, its optional embedding projections),
-the mapping states the config it is valid for in ``extra["config_check"]`` and :func:`check_config`
+the mapping states the config it is valid for in ``config_check`` and :func:`check_config`
 turns a mismatch into :class:`UnsupportedArchitectureError`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from ..errors import UnsupportedArchitectureError
-from .base import ArchMapping, register_family
-
-ConfigCheck = Callable[[Any], "str | None"]  # config -> why the mapping does not fit it, or None
-
-
-def check_config(mapping: ArchMapping, config: Any) -> None:
-    """Raise :class:`UnsupportedArchitectureError` when ``config`` breaks an assumption of ``mapping``.
-
-    ``config`` is the model's transformers config (the text config for multimodal models). Families
-    without a ``config_check`` in ``extra`` accept every config.
-    """
-    check: ConfigCheck | None = mapping.extra.get("config_check")
-    problem = check(config) if check is not None else None
-    if problem:
-        raise UnsupportedArchitectureError(f"{mapping.family}: {problem}")
-
+from .base import ArchMapping, check_config, register_family  # noqa: F401  (check_config re-exported)
 
 # Llama family: Llama 2/3, SmolLM2, Mistral (GQA, RoPE, RMSNorm, gated SiLU MLP).
 LLAMA = register_family(
@@ -152,7 +135,7 @@ OPT = register_family(
         rope=False,
         n_kv_heads_attr=None,
         head_dim_attr=None,
-        extra={"config_check": _opt_config_problem},
+        config_check=_opt_config_problem,
     ),
     ("OPTForCausalLM",),
     ("OPTModel",),

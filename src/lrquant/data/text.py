@@ -46,11 +46,13 @@ import json
 import logging
 import os
 import random
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -136,19 +138,13 @@ def _hub_ptb(split: str) -> list[str]:
     from datasets import load_dataset
 
     # The parquet copy of the old canonical ``ptb_text_only`` script dataset (scripts no longer run).
-    return list(
-        load_dataset("ptb-text-only/ptb_text_only", "penn_treebank", split=_hub_split(split))["sentence"]
-    )
+    return list(load_dataset("ptb-text-only/ptb_text_only", "penn_treebank", split=_hub_split(split))["sentence"])
 
 
 def _hub_c4(split: str) -> list[str]:
     from datasets import load_dataset
 
-    shard = (
-        "en/c4-train.00000-of-01024.json.gz"
-        if split == "train"
-        else "en/c4-validation.00000-of-00008.json.gz"
-    )
+    shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
     hub_split = "train" if split == "train" else "validation"
     return list(load_dataset("allenai/c4", data_files={hub_split: shard}, split=hub_split)["text"])
 
@@ -224,10 +220,25 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _hub_host_unresolvable() -> bool:
+    """True when the hub's host name does not resolve and no proxy is set (fail fast instead of ~30 s of
+    retries). With a proxy the proxy resolves names, so nothing is checked."""
+    if any(os.environ.get(var) for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return True
+    return False
+
+
 def _hub_rows(name: str, split: str) -> list[str]:
     hint = f"pass --data-dir DIR or set {DATA_DIR_ENV} to a folder with local copies"
     if _env_true("HF_HUB_OFFLINE"):
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    elif not _env_true("HF_DATASETS_OFFLINE") and _hub_host_unresolvable():
+        raise DataError(f"{name} ({split}): the Hugging Face hub is unreachable (no network); {hint}")
     try:
         return _CORPORA[name].hub(split)
     except ImportError as exc:
@@ -268,6 +279,11 @@ def _default_rows(split: str) -> list[str]:
     return list(passages[:cut] if split == "train" else passages[cut:])
 
 
+def _corpus_name(name_or_path: str | Path) -> str | None:
+    """The corpus name when ``name_or_path`` is one of ``CORPORA`` given as a string (a Path is a file)."""
+    return name_or_path if isinstance(name_or_path, str) and name_or_path in CORPORA else None
+
+
 def _is_path_like(name_or_path: str | Path) -> bool:
     text = str(name_or_path)
     return isinstance(name_or_path, Path) or os.sep in text or text.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES)
@@ -289,27 +305,26 @@ def load_documents(name_or_path: str | Path, split: str, data_dir: str | Path | 
     ``load_text`` joins these rows; ``calibration_batches`` samples c4 documents from them.
     """
     split = normalize_split(split)
-    key = str(name_or_path)
-    if key == "default":
+    name = _corpus_name(name_or_path)
+    if name == "default":
         return _default_rows(split)
-    if key in _CORPORA:
+    if name is not None:
         root = resolve_data_dir(data_dir)
-        return _local_rows(key, split, root) if root is not None else _hub_rows(key, split)
+        return _local_rows(name, split, root) if root is not None else _hub_rows(name, split)
+    key = str(name_or_path)
     if _is_path_like(name_or_path) or Path(key).is_file():
         return _file_documents(Path(key).expanduser())
-    raise DataError(
-        f"unknown corpus {key!r}; known corpora: {', '.join(CORPORA)} (or a path to a text/jsonl file)"
-    )
+    raise DataError(f"unknown corpus {key!r}; known corpora: {', '.join(CORPORA)} (or a path to a text/jsonl file)")
 
 
 def load_text(name_or_path: str | Path, split: str = "test", data_dir: str | Path | None = None) -> str:
     """One string for a corpus split, joined as GPTQ does (see the module docstring for each corpus)."""
     rows = load_documents(name_or_path, split, data_dir)
-    key = str(name_or_path)
-    if key in _CORPORA:
-        if key == "c4" and normalize_split(split) != "train":
+    name = _corpus_name(name_or_path)
+    if name in _CORPORA:
+        if name == "c4" and normalize_split(split) != "train":
             rows = rows[:C4_EVAL_DOCS]
-        return _CORPORA[key].joiner.join(rows)
+        return _CORPORA[name].joiner.join(rows)
     return "\n\n".join(rows)
 
 
@@ -326,9 +341,7 @@ def encode(tokenizer: Tokenizer, text: str) -> torch.Tensor:
     return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
 
 
-def _random_windows(
-    ids: torch.Tensor, nsamples: int, seqlen: int, rng: random.Random, source: str
-) -> torch.Tensor:
+def _random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, rng: random.Random, source: str) -> torch.Tensor:
     """GPTQ's sampler: ``start = randint(0, T - seqlen - 1)`` per sample; returns [nsamples, seqlen]."""
     total = ids.numel()
     if total < seqlen + 1:
@@ -394,17 +407,13 @@ def calibration_batches(
         raise DataError(f"nsamples and seqlen must be positive (got {nsamples}, {seqlen})")
     rng = random.Random(seed)
     source = f"{name_or_path} train"
-    if str(name_or_path) == "c4":
-        return _document_windows(
-            tokenizer, load_documents("c4", "train", data_dir), nsamples, seqlen, rng, source
-        )
+    if _corpus_name(name_or_path) == "c4":
+        return _document_windows(tokenizer, load_documents("c4", "train", data_dir), nsamples, seqlen, rng, source)
     ids = encode(tokenizer, load_text(name_or_path, "train", data_dir))
     return _random_windows(ids, nsamples, seqlen, rng, source)
 
 
-def eval_tokens(
-    tokenizer: Tokenizer, name_or_path: str | Path, data_dir: str | Path | None = None
-) -> torch.Tensor:
+def eval_tokens(tokenizer: Tokenizer, name_or_path: str | Path, data_dir: str | Path | None = None) -> torch.Tensor:
     """The test split (``load_text(name, "test")``) tokenized once in a single call: int64 [1, T].
 
     No BOS is added beyond what ``tokenizer(text)`` adds by default (as in GPTQ / OmniQuant). For c4, GPTQ

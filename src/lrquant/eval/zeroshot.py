@@ -280,13 +280,12 @@ def run_zeroshot(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    was_training = model.training  # HFLM switches the model to eval mode; put it back afterwards
     task_logger = logging.getLogger("lm_eval.api.task")
     notice_filter = _DropCustomDatasetNotice()
     task_logger.addFilter(notice_filter)
-    was_training = model.training
-    model.eval()
     try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         out = lm_eval.simple_evaluate(
             model=lm,
             tasks=configs,
@@ -343,7 +342,8 @@ def format_table(results: dict[str, dict[str, float]], reference: dict[str, dict
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        padded = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(padded)
 
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(header), sep, *(line(r) for r in rows)])

@@ -1,0 +1,122 @@
+"""Vision-transformer architecture mappings (ViT/DeiT, DINOv2).
+
+Paths follow the transformers 5.x modeling sources. Every family here is a pre-LN encoder: LayerNorm
+(with bias) -> q/k/v, LayerNorm -> fc1 -> GELU -> fc2, bidirectional attention, learned position
+embeddings (no RoPE), MHA (no GQA). Block 0's input is the patch-embedding output (CLS and, for DINOv2
+with registers / DeiT, extra tokens included), so ``pre_blocks`` is just the embeddings module.
+
+Covered
+    * ``ViTModel`` / ``ViTForImageClassification`` (DeiT checkpoints without a distillation token load
+      into these).
+    * ``DeiTModel`` / ``DeiTForImageClassification`` / ``DeiTForImageClassificationWithTeacher`` (the same
+      block layout; the distilled variant has two heads, ``cls_classifier`` and
+      ``distillation_classifier``, so its mapping names no single ``head``).
+    * ``Dinov2Model`` / ``Dinov2ForImageClassification``. DINOv2 multiplies the attention output and the
+      MLP output by a per-channel *layer scale* (``layer_scale1/2.lambda1``) before the residual add.
+      That sits after ``o`` and after ``fc2``, outside every smoothing pair (norm -> q/k/v, v -> o by
+      heads, q <-> k, norm -> fc1): those pairs only touch o's *input* columns and fc1's rows, so the
+      layer scale neither breaks nor joins a pair. (It could even be folded exactly into o's / fc2's
+      output rows; with per-channel or grouped weight quantization that fold is neutral, so nothing
+      needs it.) The SwiGLU-FFN variant (``use_swiglu_ffn=True``, DINOv2-giant) has gate/up/down MLP
+      linears; the static mapping refuses it through ``extra["config_check"]``.
+
+Not covered
+    * Swin (``SwinModel`` / ``SwinForImageClassification``): blocks are nested
+      (``encoder.layers[s].blocks[j]``) with a patch-merging layer (LayerNorm + a 4C -> 2C Linear) that
+      changes the token count and width between stages, and each block takes the stage's
+      ``input_dimensions`` as a *positional* argument. The engine takes one ModuleList path, keeps only
+      ``args[0]`` and the keyword arguments of block 0, and carries one ``[N, L, H]`` stream shape, so a
+      Swin mapping cannot be expressed without engine support (a list of block paths, stream transitions
+      between stages, per-stage captured call arguments).
+    * timm ``VisionTransformer``: timm is not installed, and its fused ``attn.qkv`` Linear does not fit
+      the separate q/k/v paths of :class:`~lrquant.arch.base.ArchMapping`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import ArchMapping, register_family
+
+# Block-level layout shared by ViT and DeiT (ViTLayer / DeiTLayer).
+_VIT_BLOCK: dict[str, Any] = dict(
+    q="attention.q_proj",
+    k="attention.k_proj",
+    v="attention.v_proj",
+    o="attention.o_proj",
+    mlp_in=("mlp.fc1",),
+    mlp_out="mlp.fc2",
+    gated_mlp=False,
+    attn_norm="layernorm_before",
+    mlp_norm="layernorm_after",
+    norm_kind="layer",
+    rope=False,
+    encoder=True,
+    n_kv_heads_attr=None,
+)
+
+# ViT: ViTForImageClassification.vit is a ViTModel built without its pooler; ViTModel keeps an optional
+# pooler (dense + tanh on the CLS token) after ``layernorm``, outside the blocks (not quantized).
+VIT = register_family(
+    ArchMapping(
+        family="vit",
+        blocks="vit.layers",
+        pre_blocks=("vit.embeddings",),
+        final_norm="vit.layernorm",
+        head="classifier",
+        **_VIT_BLOCK,
+    ),
+    ("ViTForImageClassification",),
+    ("ViTModel",),
+    base_prefix="vit.",
+)
+
+DEIT = register_family(
+    ArchMapping(
+        family="deit",
+        blocks="deit.layers",
+        pre_blocks=("deit.embeddings",),
+        final_norm="deit.layernorm",
+        head="classifier",
+        **_VIT_BLOCK,
+    ),
+    ("DeiTForImageClassification",),
+    ("DeiTModel",),
+    base_prefix="deit.",
+)
+
+register_family(
+    ArchMapping(
+        family="deit",
+        blocks="deit.layers",
+        pre_blocks=("deit.embeddings",),
+        final_norm="deit.layernorm",
+        head=None,  # two heads: cls_classifier and distillation_classifier
+        **_VIT_BLOCK,
+    ),
+    ("DeiTForImageClassificationWithTeacher",),
+)
+
+
+def _dinov2_config_problem(config: Any) -> str | None:
+    """Why the static DINOv2 mapping does not describe ``config`` (None when it does)."""
+    if getattr(config, "use_swiglu_ffn", False):
+        return "DINOv2 with a SwiGLU FFN (use_swiglu_ffn=True, e.g. dinov2-giant) is not supported"
+    return None
+
+
+# DINOv2: norm1 -> attention -> layer_scale1 -> + residual; norm2 -> mlp -> layer_scale2 -> + residual.
+DINOV2 = register_family(
+    ArchMapping(
+        family="dinov2",
+        blocks="dinov2.encoder.layer",
+        pre_blocks=("dinov2.embeddings",),
+        final_norm="dinov2.layernorm",
+        head="classifier",
+        **{**_VIT_BLOCK, "attn_norm": "norm1", "mlp_norm": "norm2"},
+        extra={"config_check": _dinov2_config_problem},
+    ),
+    ("Dinov2ForImageClassification",),
+    ("Dinov2Model",),
+    base_prefix="dinov2.",
+)

@@ -1,0 +1,339 @@
+"""Export frozen fake-quant models in the compressed-tensors format (loadable by transformers and vLLM).
+
+Formats (chosen by compressed-tensors' own ``infer_module_format`` from the scheme):
+
+* weight-only, 1-8 bits (W4A16, W8A16, W3A16, W2A16, group/channel/tensor, sym/asym): ``pack-quantized``
+  (int32 words, dense bit packing, zero points packed along the output dim).
+* weights + input activations (W8A8, W6A6, W4A4): ``int-quantized`` (int8 codes, one per byte) with the
+  activation config (dynamic per-token, or a static per-tensor ``input_scale``).
+
+The integer codes are recovered exactly from each frozen :class:`QuantLinear` (``weight / scale + zp``
+must be integral, else the export refuses) and handed to compressed-tensors' compressors, which write
+``weight_packed`` / ``weight`` (int8), ``weight_scale``, ``weight_zero_point`` and ``weight_shape``.
+Our asymmetric grid ``[0, 2^b - 1]`` becomes compressed-tensors' signed grid ``[-2^(b-1), 2^(b-1) - 1]``
+by subtracting ``2^(b-1)`` from codes and zero points alike, so ``q - zp`` (and the weight) is unchanged.
+
+Not representable, hence refused or dropped with a warning:
+
+* unfolded transforms (a ``temp_weight`` / ``temp_bias`` still set, or a module flagged online through
+  :data:`ONLINE_ATTR`): refused — fold them into the weights first;
+* per-token dynamic KV-cache quantization: compressed-tensors' KV schemes reduce over the sequence, so
+  the export omits it (warning) and loaders run the KV cache in full precision.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import QuantArgs, Scheme
+from ..errors import ConfigError, LrquantError
+from ..quant.primitives import as_rows
+from ..quant.quantizers import QuantLinear
+
+# A module whose ``getattr(module, ONLINE_ATTR, None)`` is truthy runs an operation at inference time that
+# the exported checkpoint cannot express (an online rotation, a runtime smoothing divide...). Transforms
+# that cannot be folded set it (to a short description) so that export refuses instead of silently
+# writing a model that computes something else.
+ONLINE_ATTR = "lrquant_online_op"
+
+# Maximum distance of ``weight / scale + zero_point`` from an integer for the codes to count as exact.
+INTEGRAL_TOL = 1e-3
+
+SIDECAR_NAME = "lrquant_export.json"
+
+
+class ExportError(LrquantError):
+    """The model cannot be exported as it is (unfolded transforms, unfrozen weights, mixed schemes...)."""
+
+
+# ---- scheme conversion ---------------------------------------------------------------------------------
+def ct_args(args: QuantArgs):
+    """Our :class:`QuantArgs` -> compressed-tensors ``QuantizationArgs`` (integer type, same field names)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(
+        num_bits=args.num_bits, type="int", symmetric=args.symmetric, strategy=args.strategy,
+        group_size=args.group_size, dynamic=args.dynamic,
+    )
+
+
+def ct_scheme(scheme: Scheme, targets: list[str]):
+    """compressed-tensors ``QuantizationScheme`` for ``targets`` with the format compressed-tensors infers
+    (``pack-quantized`` weight-only, ``int-quantized`` with activations)."""
+    from compressed_tensors.compressors.format import infer_module_format
+    from compressed_tensors.quantization import QuantizationScheme
+
+    if scheme.weights is None:
+        raise ExportError(f"scheme {scheme.name()} quantizes no weights: save it with save_pretrained instead")
+    ct = QuantizationScheme(
+        targets=targets,
+        weights=ct_args(scheme.weights),
+        input_activations=ct_args(scheme.input_activations) if scheme.input_activations else None,
+    )
+    ct.format = infer_module_format(nn.Linear, ct)
+    return ct
+
+
+def ct_config(scheme: Scheme, ignore: list[str]):
+    """``QuantizationConfig`` (status ``compressed``) with one group targeting every ``Linear`` not ignored."""
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+
+    group = ct_scheme(scheme, ["Linear"])
+    return QuantizationConfig(
+        config_groups={"group_0": group}, format=group.format,
+        quantization_status=QuantizationStatus.COMPRESSED, ignore=sorted(ignore),
+    )
+
+
+# ---- checks --------------------------------------------------------------------------------------------
+def unfolded_transforms(model: nn.Module) -> list[str]:
+    """Names of modules that still carry a transform the checkpoint cannot express (see module doc)."""
+    bad = []
+    for name, module in model.named_modules():
+        if getattr(module, "temp_weight", None) is not None or getattr(module, "temp_bias", None) is not None:
+            bad.append(f"{name or '<root>'} (temp_weight/temp_bias set)")
+        elif getattr(module, ONLINE_ATTR, None):
+            bad.append(f"{name or '<root>'} ({getattr(module, ONLINE_ATTR)})")
+    return bad
+
+
+def check_exportable(model: nn.Module, scheme: Scheme) -> dict[str, QuantLinear]:
+    """Frozen QuantLinears to compress, by name; raises :class:`ExportError` with one line otherwise."""
+    bad = unfolded_transforms(model)
+    if bad:
+        raise ExportError(f"fold transforms before export; still online: {', '.join(bad[:5])}"
+                          + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+    quant: dict[str, QuantLinear] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantLinear):
+            continue
+        if m.weight_quantizer is None:
+            if m.input_quantizer is not None:
+                raise ExportError(f"{name}: activation-only quantization has no compressed-tensors format")
+            continue
+        if not m.weight_frozen:
+            raise ExportError(f"{name}: QuantLinear is not frozen; call .freeze() before export")
+        if m.weight_quantizer.args != scheme.weights:
+            raise ExportError(f"{name}: weights are {m.weight_quantizer.args.describe()}, scheme says "
+                              f"{scheme.weights.describe() if scheme.weights else 'none'}")
+        act = m.input_quantizer.args if m.input_quantizer is not None else None
+        if act != scheme.input_activations:
+            raise ExportError(f"{name}: activations are {act.describe() if act else 'none'}, scheme says "
+                              f"{scheme.input_activations.describe() if scheme.input_activations else 'none'}")
+        if act is not None and not act.dynamic and m.input_quantizer.mode != "static":
+            raise ExportError(f"{name}: static activation quantizer is not calibrated/frozen")
+        quant[name] = m
+    if not quant:
+        raise ExportError("model has no frozen QuantLinear to export")
+    return quant
+
+
+# ---- codes ---------------------------------------------------------------------------------------------
+def recover_codes(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, args: QuantArgs,
+                  name: str = "weight") -> torch.Tensor:
+    """Exact integer codes of a frozen weight on *our* grid.
+
+    ``weight: [out, in]`` (fake-quantized), ``scale, zero_point: [rows, 1]`` in the ``as_rows`` view ->
+    codes ``[out, in]`` int32 in ``[qmin, qmax]``. Raises :class:`ExportError` when ``weight / scale + zp``
+    is not integral within :data:`INTEGRAL_TOL` (the weight was changed after freezing, or the clipping
+    was not folded into the scales).
+    """
+    rows = as_rows(weight.detach().double(), args.strategy, args.group_size)
+    exact = rows / scale.double() + zero_point.double()
+    q = exact.round()
+    err = (exact - q).abs().max().item()
+    if err > INTEGRAL_TOL:
+        raise ExportError(f"{name}: weight/scale + zero_point is off the integer grid by {err:.3g} "
+                          f"(> {INTEGRAL_TOL}); was the weight modified after freeze()?")
+    if q.min().item() < args.qmin or q.max().item() > args.qmax:
+        raise ExportError(f"{name}: codes span [{q.min().item():.0f}, {q.max().item():.0f}], "
+                          f"outside the {args.num_bits}-bit grid [{args.qmin}, {args.qmax}]")
+    return q.to(torch.int32).reshape(weight.shape)
+
+
+def ct_qparams(scale: torch.Tensor, zero_point: torch.Tensor, args: QuantArgs, shape: torch.Size
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our per-row ``scale, zero_point: [rows, 1]`` -> compressed-tensors layout and signed grid.
+
+    ``channel``: ``[out, 1]``; ``group``: ``[out, in / g]``; ``tensor``: ``[1]``. The zero point is int8 on
+    the signed grid (``zp - 2^(b-1)`` for asymmetric args, 0 for symmetric ones).
+    """
+    out = shape[0]
+    if args.strategy == "channel":
+        new_shape: tuple[int, ...] = (out, 1)
+    elif args.strategy == "group":
+        new_shape = (out, shape[-1] // args.group_size)
+    elif args.strategy == "tensor":
+        new_shape = (1,)
+    else:
+        raise ConfigError(f"weights cannot use strategy {args.strategy!r}")
+    offset = 0 if args.symmetric else 2 ** (args.num_bits - 1)
+    zp = (zero_point.round() - offset).to(torch.int8)
+    return scale.reshape(new_shape), zp.reshape(new_shape)
+
+
+def ct_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, args: QuantArgs
+              ) -> torch.Tensor:
+    """Dequantized weight ``[out, in]`` from our codes, computed exactly as our ``fake_quant`` does
+    (``(q - zp) * scale`` in the scale's dtype), so the compressors recover ``codes`` bit-exactly."""
+    rows = as_rows(codes, args.strategy, args.group_size).to(scale.dtype)
+    return ((rows - zero_point.to(scale.dtype)) * scale).reshape(codes.shape)
+
+
+def compress_linear(m: QuantLinear, scheme: Scheme, dtype: torch.dtype | None = None, name: str = "linear"
+                    ) -> dict[str, torch.Tensor]:
+    """Compressed per-module state dict (local names) of one frozen QuantLinear, via compressed-tensors.
+
+    Keys: ``weight_packed`` (pack-quantized) or ``weight`` (int8, int-quantized), ``weight_scale``,
+    ``weight_shape`` (packed only), ``weight_zero_point`` (asymmetric), ``bias``, and ``input_scale`` /
+    ``input_zero_point`` for static activations. ``dtype`` casts the scales (the codes are unchanged).
+    The result is decompressed again and checked to give the same weight bit for bit.
+    """
+    from compressed_tensors.compressors import BaseCompressor
+
+    args = scheme.weights
+    wq = m.weight_quantizer
+    scale = wq.scale.detach().to(dtype or wq.scale.dtype)
+    codes = recover_codes(m.weight, wq.scale, wq.zero_point, args, name)
+    weight = ct_weight(codes, scale, wq.zero_point, args)
+    ct_scale, ct_zp = ct_qparams(scale, wq.zero_point, args, m.weight.shape)
+    sd: dict[str, torch.Tensor] = {"weight": weight, "weight_scale": ct_scale, "weight_zero_point": ct_zp}
+    if m.bias is not None:
+        sd["bias"] = m.bias.detach().to(dtype or m.bias.dtype)
+    act = scheme.input_activations
+    if act is not None and not act.dynamic:
+        a_scale, a_zp = ct_qparams(m.input_quantizer.scale.detach(), m.input_quantizer.zero_point, act,
+                                   torch.Size([1, 1]))
+        sd["input_scale"] = a_scale.reshape(1).to(dtype or a_scale.dtype)
+        sd["input_zero_point"] = a_zp.reshape(1)
+    ct = ct_scheme(scheme, ["Linear"])
+    compressor = BaseCompressor.get_value_from_registry(ct.format)
+    compressed = compressor.compress(sd, ct)
+    back = compressor.decompress(compressed, ct)["weight"]
+    if not torch.equal(back, weight):
+        raise ExportError(f"{name}: compressed-tensors round trip changed the weight "
+                          f"(max diff {(back - weight).abs().max().item():.3g})")
+    return dict(compressed)
+
+
+# ---- export --------------------------------------------------------------------------------------------
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def export_state_dict(model: nn.Module, scheme: Scheme, dtype: torch.dtype | None = None
+                      ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Full compressed state dict of ``model`` and the names of linears left dense (the ``ignore`` list)."""
+    quant = check_exportable(model, scheme)
+    sd = {}
+    for key, value in model.state_dict().items():
+        owner = key.rsplit(".", 1)[0]
+        if owner in quant:
+            continue
+        sd[key] = value.detach().to(dtype) if dtype is not None and value.is_floating_point() else value
+    for name, m in quant.items():
+        for key, value in compress_linear(m, scheme, dtype, name).items():
+            sd[f"{name}.{key}"] = value
+    ignore = [n for n in _linear_names(model) if n not in quant]
+    return sd, ignore
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` folder to ``out``; an existing ``out`` is swapped out, then removed."""
+    if out.is_file():
+        raise ExportError(f"export target {out} is a file")
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tokenizer=None,
+                      dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` (frozen QuantLinears) as a compressed-tensors checkpoint in ``out_dir``.
+
+    ``model`` is a transformers ``PreTrainedModel`` whose quantized linears are frozen
+    :class:`QuantLinear`\\ s following ``scheme``; other linears (e.g. ``lm_head``) stay dense and go in
+    the config's ``ignore`` list. ``dtype=None`` keeps the model's dtype (the reloaded weights are bit-
+    identical to the in-memory ones); ``torch.float16`` / ``bfloat16`` casts dense tensors and scales.
+    The folder (``model.safetensors``, ``config.json`` with ``quantization_config``, generation config,
+    tokenizer files, and ``lrquant_export.json``) is written to a temporary sibling and renamed into place.
+    Returns ``out_dir``.
+    """
+    from compressed_tensors.compressors import ModelCompressor
+
+    out = Path(out_dir).absolute()
+    if scheme.kv_cache is not None:
+        warnings.warn(f"scheme {scheme.name()}: per-token KV-cache quantization has no compressed-tensors "
+                      "equivalent; the export omits it (loaders keep the KV cache in full precision)",
+                      stacklevel=2)
+    sd, ignore = export_state_dict(model, scheme, dtype)
+    config = ct_config(scheme, ignore)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp, state_dict=sd)
+        ModelCompressor(quantization_config=config).update_config(str(tmp))
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        if dtype is not None:
+            cfg["dtype"] = str(dtype).removeprefix("torch.")
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        sidecar = {
+            "scheme": scheme.name(),
+            "scheme_args": {k: (vars(v) if v is not None else None) for k, v in vars(scheme).items()},
+            "format": str(config.format),
+            "quantized_linears": sum(1 for k in sd if k.endswith(".weight_scale")),
+            "dense_linears": sorted(ignore),
+            "kv_cache_omitted": scheme.kv_cache is not None,
+        }
+        (tmp / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def quantizes_activations(path: str | Path) -> bool:
+    """Whether the export at ``path`` declares input-activation quantization in its config."""
+    qcfg = json.loads((Path(path) / "config.json").read_text()).get("quantization_config", {})
+    return any(g.get("input_activations") for g in qcfg.get("config_groups", {}).values())
+
+
+def load_compressed(path: str | Path, **kwargs):
+    """Load an export with ``transformers.AutoModelForCausalLM.from_pretrained`` (``kwargs`` pass through).
+
+    Weight-only exports load with ``CompressedTensorsConfig(dequantize=True)`` (the old
+    ``run_compressed=False``): each module is decompressed while loading and the model is a plain dense
+    one. This also side-steps a compressed-tensors 0.20 bug: the default (compressed) route builds the
+    modules on the meta device without packing ``weight_zero_point``, so asymmetric pack-quantized
+    checkpoints fail with a size mismatch. Exports with activation quantization load by the default route
+    so that compressed-tensors applies the dynamic activation quantization in each linear's forward.
+    """
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    kwargs.setdefault("dtype", "auto")
+    if not quantizes_activations(path):
+        kwargs.setdefault("quantization_config", CompressedTensorsConfig(dequantize=True))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*already has a `quantization_config`.*")
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def dir_size_bytes(path: str | Path, suffix: str = ".safetensors") -> int:
+    """Total size of the files ending in ``suffix`` under ``path`` (the weights on disk)."""
+    return sum(f.stat().st_size for f in Path(path).rglob(f"*{suffix}"))
