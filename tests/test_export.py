@@ -24,7 +24,6 @@ from lrquant.quant.primitives import pack_int32, unpack_int32
 from lrquant.quant.quantizers import QuantLinear, quant_linears
 
 
-
 def quantize_blocks(model: nn.Module, scheme: Scheme) -> nn.Module:
     """Wrap every linear inside the decoder blocks in a QuantLinear and freeze it (RTN), in place."""
     for block in model.model.layers:
@@ -199,18 +198,33 @@ def test_export_replaces_existing_folder(tmp_path):
 
 
 # ---- refusals ------------------------------------------------------------------------------------------
+class _Scale(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+
 def test_refuses_unfolded_transform(tmp_path):
+    from torch.nn.utils import parametrize
+
     scheme = WEIGHT_ONLY["W4g32-asym"]
     model = tiny_quantized(scheme)
-    m = model.model.layers[0].self_attn.q_proj
-    m.temp_weight = m.weight.detach().clone()
-    with pytest.raises(ExportError, match="fold transforms before export.*q_proj"):
+    norm = model.model.layers[0].input_layernorm
+    parametrize.register_parametrization(norm, "weight", _Scale())
+    with pytest.raises(ExportError, match="fold transforms before export.*input_layernorm.*not folded"):
         export_compressed(model, scheme, tmp_path / "x")
-    m.temp_weight = None
+    parametrize.remove_parametrizations(norm, "weight")
+    model.model.layers[1].mlp.down_proj.input_transform = _Scale()
+    with pytest.raises(ExportError, match="down_proj \\(online input transform _Scale\\)"):
+        export_compressed(model, scheme, tmp_path / "x")
+    model.model.layers[1].mlp.down_proj.input_transform = None
     setattr(model.model.layers[1].mlp, ONLINE_ATTR, "online Hadamard rotation")
     with pytest.raises(ExportError, match="online Hadamard rotation"):
         export_compressed(model, scheme, tmp_path / "x")
-    assert not (tmp_path / "x").exists() and list(tmp_path.iterdir()) == []
+    delattr(model.model.layers[1].mlp, ONLINE_ATTR)
+    with pytest.raises(ExportError, match="layers.0.rotation \\(declared online\\)"):
+        export_compressed(model, scheme, tmp_path / "x", online_ops=["model.layers.0.rotation"])
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    export_compressed(model, scheme, tmp_path / "x")  # everything folded: exports
 
 
 def test_refuses_unfrozen_and_mismatched(tmp_path):
@@ -253,12 +267,9 @@ def test_smollm2_w4a16g64_perplexity_round_trip(tmp_path, shared_data):
     ppl_mem = perplexity(model, tokens, seqlen=512, progress=False).ppl
 
     out = export_compressed(model, scheme, tmp_path / "fp32", tokenizer=tokenizer)
+    half = export_compressed(model, scheme, tmp_path / "fp16", dtype=torch.float16)
     del model
-    loaded = load_compressed(out)
-    ppl_disk = perplexity(loaded, tokens, seqlen=512, progress=False).ppl
-    del loaded
-    half = export_compressed(quantize_blocks(load_model("default")[0], scheme), scheme, tmp_path / "fp16",
-                             dtype=torch.float16)
+    ppl_disk = perplexity(load_compressed(out), tokens, seqlen=512, progress=False).ppl
     ppl_half = perplexity(load_compressed(half).float(), tokens, seqlen=512, progress=False).ppl
     sizes = {"fp16 dense": fp16_bytes, "export fp32": dir_size_bytes(out), "export fp16": dir_size_bytes(half)}
     print(f"\nSmolLM2 W4A16g64 ppl: memory {ppl_mem:.4f}, export fp32 {ppl_disk:.4f}, export fp16 {ppl_half:.4f}; "

@@ -94,7 +94,8 @@ def test_log2_values_are_powers_of_two(fn):
     torch.testing.assert_close(exps, exps.round(), rtol=0, atol=1e-6)  # integer (half-)octaves
 
 
-@pytest.mark.parametrize("codes_fn, fq", [(log2_codes, log2_fake_quant), (log_sqrt2_codes, log_sqrt2_fake_quant)])
+@pytest.mark.parametrize("codes_fn, fq",
+                         [(log2_codes, log2_fake_quant), (log_sqrt2_codes, log_sqrt2_fake_quant)])
 @pytest.mark.parametrize("num_bits", BITS)
 def test_codes_monotone_and_bounded(codes_fn, fq, num_bits):
     p = torch.linspace(0, 1.5, 5001)  # past the scale: saturates at code 0
@@ -159,7 +160,7 @@ def test_bit_width_bounds_are_checked():
 def test_more_bits_never_hurt():
     p = _probs()
     err = {b: (log_sqrt2_fake_quant(p, b) - p).abs().sum().item() for b in BITS}
-    assert all(err[a] >= err[b] for a, b in zip(BITS, BITS[1:]))
+    assert all(err[a] >= err[b] for a, b in zip(BITS[:-1], BITS[1:], strict=True))
     # log sqrt2 is finer than log2 at the same bit-width where both reach the small probabilities
     assert (log_sqrt2_fake_quant(p, 8) - p).abs().sum() < (log2_fake_quant(p, 8) - p).abs().sum()
 
@@ -185,5 +186,5 @@ def test_modules_match_functions_and_calibrate():
 
 
 def test_sqrt2_constant():
-    assert reparam_dequant(torch.tensor([0]), torch.tensor([True]), torch.tensor([False])).item() == pytest.approx(
-        1 / math.sqrt(2), abs=1e-7)
+    value = reparam_dequant(torch.tensor([0]), torch.tensor([True]), torch.tensor([False])).item()
+    assert value == pytest.approx(1 / math.sqrt(2), abs=1e-7)

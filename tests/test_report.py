@@ -26,7 +26,8 @@ def fake_results(method: str, scheme: str, ppl: float, acc_shift: float, n_block
     for b in range(n_blocks):
         init = 0.01 * (b + 1) * (1 + rng.random())
         losses = list(init * np.exp(-np.linspace(0, 1.5, 5)))
-        blocks.append({"block": b, "init_loss": init, "final_loss": losses[-1], "losses": losses})
+        blocks.append({"block": b, "init_loss": init, "final_loss": losses[-1], "losses": losses,
+                       "out_rel_err": 0.01 * (1 + b) * (1 + rng.random())})
     fp_zs = {"piqa": {"acc": 0.66, "acc_norm": 0.67}, "arc_easy": {"acc": 0.55, "acc_norm": 0.49},
              "winogrande": {"acc": 0.53}}
     return {
@@ -76,7 +77,8 @@ def test_report_two_runs(tmp_path):
 
     imgs_md, imgs_html = referenced_images(md, html)
     assert sorted(imgs_md) == sorted(imgs_html)
-    assert set(imgs_md) == {"ppl_by_bits.png", "block_losses.png", "loss_curves.png", "layer_errors.png"}
+    assert set(imgs_md) == {"ppl_by_bits.png", "block_losses.png", "loss_curves.png", "block_output_error.png",
+                            "layer_errors.png"}
     for name in imgs_md:
         png = out / name
         assert png.read_bytes()[:8] == PNG_SIGNATURE, name
@@ -91,7 +93,7 @@ def test_report_missing_keys_and_single_run(tmp_path):
     md = write_report([d], tmp_path / "out").read_text()
     assert "19.10" in md
     assert "No run has zero-shot results." in md
-    assert "No run has per-block losses." in md and "No run has per-layer errors." in md
+    assert "No run has per-block losses" in md and "No run has per-layer errors." in md
     imgs, _ = referenced_images(md, (tmp_path / "out" / "report.html").read_text())
     assert imgs == ["ppl_by_bits.png"]
     assert not (tmp_path / "out" / "layer_errors.png").exists()

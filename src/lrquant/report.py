@@ -24,6 +24,7 @@ from .io import _atomic, atomic_write_text
 PLOT_PPL = "ppl_by_bits.png"
 PLOT_BLOCK_LOSS = "block_losses.png"
 PLOT_EPOCH_LOSS = "loss_curves.png"
+PLOT_BLOCK_ERR = "block_output_error.png"
 PLOT_LAYER_ERR = "layer_errors.png"
 
 
@@ -196,7 +197,7 @@ def ppl_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | None:
     if not datasets:
         return None
     header = ["run", "method", "bits", *datasets]
-    rows = [[f"FP ({model})", "fp", "W16A16", *(_fmt(_num(v.get(d))) for d in datasets)]
+    rows = [[f"FP ({model})", "fp", "-", *(_fmt(_num(v.get(d))) for d in datasets)]
             for model, v in fp.items()]
     for r in runs:
         ppl, ref = r.data.get("ppl") or {}, fp.get(r.model, {})
@@ -231,7 +232,7 @@ def zeroshot_table(runs: list[Run]) -> tuple[list[str], list[list[str]]] | None:
     header = ["run", "method", "bits", *tasks, "mean acc", "Δ mean vs FP"]
     rows = []
     for model, zs in fp.items():
-        rows.append([f"FP ({model})", "fp", "W16A16", *(_zs_cell(zs.get(t)) for t in tasks),
+        rows.append([f"FP ({model})", "fp", "-", *(_zs_cell(zs.get(t)) for t in tasks),
                      _fmt(_pct(_mean_acc(zs, tasks)), ".1f"), ""])
     for r in runs:
         zs = r.data.get("zeroshot") or {}
@@ -355,19 +356,25 @@ def _run_title(r: Run) -> str:
     return f"{r.label}: {r.method} {r.scheme}"
 
 
+def _block_series(r: Run, key: str) -> list[tuple[int, float]]:
+    """``(block index, value)`` of the positive numbers under ``key`` in the run's ``blocks`` entries."""
+    pts = []
+    for i, b in enumerate(r.data.get("blocks") or []):
+        if isinstance(b, dict) and (v := _num(b.get(key))) is not None and v > 0:
+            pts.append((int(b.get("block", i)), v))
+    return pts
+
+
 def plot_block_losses(runs: list[Run], path: Path) -> bool:
-    """One panel per run with blocks: loss before (init) and after (final) training, per block (log y)."""
-    with_blocks = [r for r in runs if any(isinstance(b, dict) for b in r.data.get("blocks") or [])]
-    if not with_blocks:
+    """One panel per trained run: block loss before (init) and after (final) training, per block (log y)."""
+    trained = [r for r in runs if _block_series(r, "init_loss") or _block_series(r, "final_loss")]
+    if not trained:
         return False
-    fig, axes = _figure(len(with_blocks), sharey=True)
-    for ax, r in zip(axes, with_blocks, strict=True):
-        blocks = [b for b in r.data["blocks"] if isinstance(b, dict)]
+    fig, axes = _figure(len(trained), sharey=True)
+    for ax, r in zip(axes, trained, strict=True):
         for key, style in (("init_loss", dict(marker="o", color="tab:red", label="before training")),
                            ("final_loss", dict(marker="s", color="tab:blue", label="after training"))):
-            pts = [(int(b.get("block", i)), v) for i, b in enumerate(blocks) if (v := _num(b.get(key))) is not None
-                   and v > 0]
-            if pts:
+            if pts := _block_series(r, key):
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], ms=4, **style)
         ax.set_yscale("log")
         ax.set_xlabel("block")
@@ -375,6 +382,25 @@ def plot_block_losses(runs: list[Run], path: Path) -> bool:
         ax.set_title(_run_title(r))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
+    _save_png(fig, path)
+    return True
+
+
+def plot_block_output_error(runs: list[Run], path: Path) -> bool:
+    """All runs on one axis: relative error of each quantized block's output (``out_rel_err``) per block."""
+    series = [(r, pts) for r in runs if (pts := _block_series(r, "out_rel_err"))]
+    if not series:
+        return False
+    fig, (ax,) = _figure(1, width=8.0, height=4.2)
+    for k, (r, pts) in enumerate(series):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^Dv<>"[k % 7], ms=4, label=_run_title(r))
+    ax.set_yscale("log")
+    _plain_log_ticks(ax)
+    ax.set_xlabel("block")
+    ax.set_ylabel("relative block output error (log)")
+    ax.set_title("Quantized block output vs full-precision block output")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
     _save_png(fig, path)
     return True
 
@@ -453,7 +479,7 @@ def plot_layer_errors(runs: list[Run], path: Path) -> bool:
             ax.plot(range(len(loose)), [v for _, v in loose], marker=".")
             ax.set_xticks(range(len(loose)), [n for n, _ in loose], rotation=90, fontsize=6)
             ax.set_xlabel("layer")
-        ax.set_ylabel("relative weight error ‖W−Q(W)‖/‖W‖")
+        ax.set_ylabel("relative weight error")
         ax.set_title(_run_title(r))
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
@@ -490,7 +516,7 @@ def build_report(runs: list[Run], out_dir: Path) -> Doc:
     doc.h2("Cost")
     doc.table(*cost_table(runs), text_cols=4)
 
-    doc.h2("Per-block training loss")
+    doc.h2("Per-block training loss and output error")
     drew = False
     if plot_block_losses(runs, out_dir / PLOT_BLOCK_LOSS):
         doc.img(PLOT_BLOCK_LOSS, "per-block loss before and after training")
@@ -499,7 +525,9 @@ def build_report(runs: list[Run], out_dir: Path) -> Doc:
         doc.img(PLOT_EPOCH_LOSS, "per-block training loss per epoch")
         drew = True
     if not drew:
-        doc.p("No run has per-block losses.")
+        doc.p("No run has per-block losses (round-to-nearest runs train nothing).")
+    if plot_block_output_error(runs, out_dir / PLOT_BLOCK_ERR):
+        doc.img(PLOT_BLOCK_ERR, "per-block relative output error")
 
     doc.h2("Per-layer quantization error")
     if plot_layer_errors(runs, out_dir / PLOT_LAYER_ERR):
@@ -520,7 +548,7 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
     runs = load_runs(run_dirs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (PLOT_PPL, PLOT_BLOCK_LOSS, PLOT_EPOCH_LOSS, PLOT_LAYER_ERR):
+    for stale in (PLOT_PPL, PLOT_BLOCK_LOSS, PLOT_EPOCH_LOSS, PLOT_BLOCK_ERR, PLOT_LAYER_ERR):
         (out_dir / stale).unlink(missing_ok=True)
     doc = build_report(runs, out_dir)
     md = out_dir / "report.md"

@@ -18,7 +18,7 @@ Covered
       layer scale neither breaks nor joins a pair. (It could even be folded exactly into o's / fc2's
       output rows; with per-channel or grouped weight quantization that fold is neutral, so nothing
       needs it.) The SwiGLU-FFN variant (``use_swiglu_ffn=True``, DINOv2-giant) has gate/up/down MLP
-      linears; the static mapping refuses it through ``extra["config_check"]``.
+      linears; the static mapping refuses it through ``config_check`` (``get_mapping`` raises).
 
 Not covered
     * Swin (``SwinModel`` / ``SwinForImageClassification``): blocks are nested
@@ -114,7 +114,7 @@ DINOV2 = register_family(
         final_norm="dinov2.layernorm",
         head="classifier",
         **{**_VIT_BLOCK, "attn_norm": "norm1", "mlp_norm": "norm2"},
-        extra={"config_check": _dinov2_config_problem},
+        config_check=_dinov2_config_problem,
     ),
     ("Dinov2ForImageClassification",),
     ("Dinov2Model",),

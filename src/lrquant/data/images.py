@@ -76,7 +76,8 @@ def _class_indices(root: Path, keys: set[str]) -> dict[str, int]:
         if table is not None:
             missing = sorted(keys - table.keys())
             if missing:
-                raise DataError(f"synsets {', '.join(missing[:5])} are not in the {CLASS_INDEX_FILE} beside {root}")
+                raise DataError(
+                    f"synsets {', '.join(missing[:5])} are not in the {CLASS_INDEX_FILE} beside {root}")
             return {k: table[k] for k in keys}
     return {k: i for i, k in enumerate(sorted(keys))}
 
@@ -121,7 +122,9 @@ def open_rgb(image: ImageLike) -> Image.Image:
         raise DataError(f"cannot read image {image}: {exc}") from exc
 
 
-def to_tensor(image: Image.Image, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+def to_tensor(
+    image: Image.Image, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
     """RGB PIL image ``H x W`` -> normalised float32 ``[3, H, W]``."""
     x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
@@ -133,7 +136,10 @@ def resize_center_crop(image: Image.Image, size: int, crop_pct: float = DEFAULT_
         raise DataError(f"crop_pct must be in (0, 1], got {crop_pct}")
     w, h = image.size
     short = round(size / crop_pct)
-    new_w, new_h = (short, max(short, round(h * short / w))) if w <= h else (max(short, round(w * short / h)), short)
+    if w <= h:
+        new_w, new_h = short, max(short, round(h * short / w))
+    else:
+        new_w, new_h = max(short, round(w * short / h)), short
     image = image.resize((new_w, new_h), Image.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return image.crop((left, top, left + size, top + size))

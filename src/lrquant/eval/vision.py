@@ -51,7 +51,7 @@ def top1(
     with integer ``labels [N]``."""
     if any(label is None for label in labels):
         raise DataError("top1 needs a label for every image (the folder has unlabelled images)")
-    labels = torch.as_tensor(list(labels) if not isinstance(labels, torch.Tensor) else labels, dtype=torch.long)
+    labels = torch.as_tensor(labels if isinstance(labels, torch.Tensor) else list(labels), dtype=torch.long)
     if labels.shape[0] != images.shape[0] or images.shape[0] == 0:
         raise DataError(f"{images.shape[0]} images but {labels.shape[0]} labels")
     preds = [model(pixel_values=x.to(device)).logits.argmax(-1).cpu()

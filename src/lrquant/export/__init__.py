@@ -1,5 +1,6 @@
-"""Export of quantized models (compressed-tensors) and CPU/CUDA runtime kernels for the exports."""
+"""Export of quantized models (compressed-tensors) and the integer runtime for them (CPU, CUDA)."""
 
 from .compressed import ExportError, export_compressed, load_compressed
+from .kernels import convert_to_runtime
 
-__all__ = ["ExportError", "export_compressed", "load_compressed"]
+__all__ = ["ExportError", "convert_to_runtime", "export_compressed", "load_compressed"]

@@ -15,8 +15,8 @@ by subtracting ``2^(b-1)`` from codes and zero points alike, so ``q - zp`` (and 
 
 Not representable, hence refused or dropped with a warning:
 
-* unfolded transforms (a ``temp_weight`` / ``temp_bias`` still set, or a module flagged online through
-  :data:`ONLINE_ATTR`): refused — fold them into the weights first;
+* unfolded transforms (tensors still parametrized, a QuantLinear ``input_transform``, a module flagged
+  through :data:`ONLINE_ATTR`, or ``online_ops`` declared by the method): refused — fold them first;
 * per-token dynamic KV-cache quantization: compressed-tensors' KV schemes reduce over the sequence, so
   the export omits it (warning) and loaders run the KV cache in full precision.
 """
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..config import QuantArgs, Scheme
 from ..errors import ConfigError, LrquantError
@@ -95,19 +96,29 @@ def ct_config(scheme: Scheme, ignore: list[str]):
 
 # ---- checks --------------------------------------------------------------------------------------------
 def unfolded_transforms(model: nn.Module) -> list[str]:
-    """Names of modules that still carry a transform the checkpoint cannot express (see module doc)."""
+    """What the checkpoint cannot express, one ``"<module> (<why>)"`` each: tensors still parametrized by a
+    transform (not folded), an online ``input_transform`` on a QuantLinear, or a module flagged through
+    :data:`ONLINE_ATTR`."""
     bad = []
     for name, module in model.named_modules():
-        if getattr(module, "temp_weight", None) is not None or getattr(module, "temp_bias", None) is not None:
-            bad.append(f"{name or '<root>'} (temp_weight/temp_bias set)")
-        elif getattr(module, ONLINE_ATTR, None):
-            bad.append(f"{name or '<root>'} ({getattr(module, ONLINE_ATTR)})")
+        where = name or "<root>"
+        if parametrize.is_parametrized(module):
+            bad.append(f"{where} (parametrized {', '.join(module.parametrizations)}: transform not folded)")
+        if getattr(module, "input_transform", None) is not None:
+            bad.append(f"{where} (online input transform {type(module.input_transform).__name__})")
+        if getattr(module, ONLINE_ATTR, None):
+            bad.append(f"{where} ({getattr(module, ONLINE_ATTR)})")
     return bad
 
 
-def check_exportable(model: nn.Module, scheme: Scheme) -> dict[str, QuantLinear]:
-    """Frozen QuantLinears to compress, by name; raises :class:`ExportError` with one line otherwise."""
-    bad = unfolded_transforms(model)
+def check_exportable(model: nn.Module, scheme: Scheme, online_ops: list[str] | tuple[str, ...] = ()
+                     ) -> dict[str, QuantLinear]:
+    """Frozen QuantLinears to compress, by name; raises :class:`ExportError` with one line otherwise.
+
+    ``online_ops``: ops a method declared it leaves in the inference graph (``QuantizeResult.online_ops``);
+    any makes the model unexportable, like the markers :func:`unfolded_transforms` finds.
+    """
+    bad = [*unfolded_transforms(model), *(f"{op} (declared online)" for op in online_ops)]
     if bad:
         raise ExportError(f"fold transforms before export; still online: {', '.join(bad[:5])}"
                           + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
@@ -229,16 +240,18 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def export_state_dict(model: nn.Module, scheme: Scheme, dtype: torch.dtype | None = None
-                      ) -> tuple[dict[str, torch.Tensor], list[str]]:
+def export_state_dict(model: nn.Module, scheme: Scheme, dtype: torch.dtype | None = None,
+                      online_ops: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Full compressed state dict of ``model`` and the names of linears left dense (the ``ignore`` list)."""
-    quant = check_exportable(model, scheme)
-    sd = {}
+    quant = check_exportable(model, scheme, online_ops)
+    sd: dict[str, torch.Tensor] = {}
+    cast: dict[int, torch.Tensor] = {}  # by data_ptr: tied tensors stay one tensor (saved once)
     for key, value in model.state_dict().items():
-        owner = key.rsplit(".", 1)[0]
-        if owner in quant:
+        if key.rsplit(".", 1)[0] in quant:
             continue
-        sd[key] = value.detach().to(dtype) if dtype is not None and value.is_floating_point() else value
+        if dtype is not None and value.is_floating_point():
+            value = cast.setdefault(value.data_ptr(), value.detach().to(dtype))
+        sd[key] = value
     for name, m in quant.items():
         for key, value in compress_linear(m, scheme, dtype, name).items():
             sd[f"{name}.{key}"] = value
@@ -260,7 +273,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 
 def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tokenizer=None,
-                      dtype: torch.dtype | None = None) -> Path:
+                      dtype: torch.dtype | None = None, online_ops: list[str] | tuple[str, ...] = ()) -> Path:
     """Write ``model`` (frozen QuantLinears) as a compressed-tensors checkpoint in ``out_dir``.
 
     ``model`` is a transformers ``PreTrainedModel`` whose quantized linears are frozen
@@ -269,6 +282,7 @@ def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tok
     identical to the in-memory ones); ``torch.float16`` / ``bfloat16`` casts dense tensors and scales.
     The folder (``model.safetensors``, ``config.json`` with ``quantization_config``, generation config,
     tokenizer files, and ``lrquant_export.json``) is written to a temporary sibling and renamed into place.
+    Refuses (:class:`ExportError`) while transforms are unfolded or ``online_ops`` is not empty.
     Returns ``out_dir``.
     """
     from compressed_tensors.compressors import ModelCompressor
@@ -278,7 +292,7 @@ def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tok
         warnings.warn(f"scheme {scheme.name()}: per-token KV-cache quantization has no compressed-tensors "
                       "equivalent; the export omits it (loaders keep the KV cache in full precision)",
                       stacklevel=2)
-    sd, ignore = export_state_dict(model, scheme, dtype)
+    sd, ignore = export_state_dict(model, scheme, dtype, online_ops)
     config = ct_config(scheme, ignore)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))

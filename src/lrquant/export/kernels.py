@@ -29,14 +29,17 @@ Packing is device-specific: convert after moving the model to its device (:func:
 
 from __future__ import annotations
 
+import json
+import warnings
+from pathlib import Path
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantArgs
-from ..quant.primitives import as_rows, minmax_qparams
+from ..quant.primitives import SCALE_EPS, as_rows
 from ..quant.quantizers import QuantLinear
-from .compressed import recover_codes
+from .compressed import ExportError, recover_codes
 
 INT4_GROUPS = (256, 128, 64, 32)
 
@@ -183,6 +186,10 @@ def int8_dynamic_ok(w: QuantArgs, a: QuantArgs) -> bool:
     return int8_weight_ok(w) and a.num_bits <= 8 and a.strategy in ("token", "tensor")
 
 
+def _int_zp(zx: torch.Tensor | None) -> torch.Tensor | int:
+    return 0 if zx is None else zx.to(torch.int32)
+
+
 def _int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """``a [M, K] int8 @ b_t [K, N] int8 -> [M, N] int32``; CUDA needs ``M > 16`` (rows padded to 24)."""
     m = a.shape[0]
@@ -222,27 +229,47 @@ class Int8DynamicLinear(nn.Module):
         self.register_buffer("a_zp", m.input_quantizer.zero_point.detach().float().clone() if static else None)
         self.register_buffer("bias", None if m.bias is None else m.bias.detach().float().clone())
 
-    def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x2 [M, K]`` -> int8 codes ``[M, K]``, scale ``[M or 1, 1]``, int32 zero point (shifted)."""
+    def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``x2 [M, K]`` float32 -> int8 codes ``[M, K]``, scale ``[M or 1, 1]``, shifted zero point
+        (float, ``None`` for symmetric activations).
+
+        Same arithmetic as :func:`~lrquant.quant.primitives.qparams_from_range` and ``fake_quant`` (so the
+        codes are identical), written with few in-place ops: at batch 1 the per-op overhead dominates.
+        """
         a = self.a_args
         if self.a_scale is not None:
-            scale, zp = self.a_scale, self.a_zp
+            scale, zp = self.a_scale, (None if a.symmetric else self.a_zp)
         else:
-            scale, zp = minmax_qparams(as_rows(x2, a.strategy), a.qmin, a.qmax, a.symmetric)
-        q = torch.clamp(torch.round(x2 / scale) + zp, a.qmin, a.qmax) - self.a_shift
-        return q.to(torch.int8), scale, (zp - self.a_shift).to(torch.int32)
+            if a.strategy == "token":
+                lo, hi = torch.aminmax(x2, dim=-1, keepdim=True)
+            else:
+                lo, hi = (t.reshape(1, 1) for t in torch.aminmax(x2))
+            lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+            if a.symmetric:
+                scale, zp = torch.maximum(lo.neg_(), hi).div_(a.qmax).clamp_(min=SCALE_EPS), None
+            else:
+                scale = (hi - lo).div_(a.qmax - a.qmin).clamp_(min=SCALE_EPS)
+                zp = (lo / scale).round_().neg_().add_(a.qmin).clamp_(a.qmin, a.qmax)
+        q = (x2 / scale).round_()
+        if zp is not None:
+            q.add_(zp)
+        q.clamp_(a.qmin, a.qmax)
+        if self.a_shift:
+            q.sub_(self.a_shift)
+            zp = zp - self.a_shift
+        return q.to(torch.int8), scale, zp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _flatten(x.float())
         qx, sx, zx = self.quantize_input(x2)
-        acc = _int_mm(qx, self.qweight_t)  # [M, N] int32
-        if not self.a_args.symmetric:
-            acc = acc - zx * self.w_colsum
+        acc = _int_mm(qx, self.qweight_t)  # [M, N] int32, exact
+        if zx is not None:
+            acc = acc - zx.to(torch.int32) * self.w_colsum
         if not self.w_symmetric:
-            acc = acc - (qx.to(torch.int32).sum(dim=1, keepdim=True) - self.in_features * zx) * self.w_zp
-        y = acc.float() * (sx * self.w_scale)
+            acc = acc - (qx.sum(dim=1, keepdim=True, dtype=torch.int32) - self.in_features * _int_zp(zx)) * self.w_zp
+        y = acc.float().mul_(sx).mul_(self.w_scale)
         if self.bias is not None:
-            y = y + self.bias
+            y = y.add_(self.bias)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -256,7 +283,7 @@ def runtime_kernel(m: QuantLinear, compute_dtype: torch.dtype = torch.bfloat16) 
     Order (measured on the dev CPU, bench/bench_speed.py): int4 packed matmul for <= 4-bit weights,
     int8 weight-only for 5-8-bit per-channel weights, int8 GEMM when activations are quantized.
     """
-    if m.weight_quantizer is None or not m.weight_frozen:
+    if m.weight_quantizer is None or not m.weight_frozen or m.input_transform is not None:
         return None
     w = m.weight_quantizer.args
     if m.input_quantizer is not None:
@@ -280,7 +307,9 @@ def convert_to_runtime(model: nn.Module, compute_dtype: torch.dtype = torch.bflo
             continue
         kernel = runtime_kernel(m, compute_dtype)
         if kernel is None:
-            report[name] = f"kept: {m.weight_quantizer.args.describe() if m.weight_quantizer else 'no weights'}"
+            why = (m.weight_quantizer.args.describe() if m.weight_quantizer else "no weights") + (
+                ", online input transform" if m.input_transform is not None else "")
+            report[name] = f"kept: {why}"
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, kernel)
@@ -297,3 +326,106 @@ def weight_bytes(module: nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
+
+
+# ---- runtime for exports -------------------------------------------------------------------------------
+def _export_tensors(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module: {weight_packed | weight, weight_shape, weight_scale, weight_zero_point, input_*}}`` of
+    every quantized module (one with a ``weight_scale``) of an export."""
+    from safetensors import safe_open
+
+    wanted = ("weight", "weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "input_scale",
+              "input_zero_point")
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():
+                module, _, leaf = key.rpartition(".")
+                if leaf in wanted:
+                    found.setdefault(module, {})[leaf] = fh.get_tensor(key)
+    return {name: t for name, t in found.items() if "weight_scale" in t}
+
+
+def _offset(args: QuantArgs) -> int:
+    """Our grid minus compressed-tensors' signed grid: ``2^(b-1)`` for asymmetric args, else 0."""
+    return 0 if args.symmetric else 2 ** (args.num_bits - 1)
+
+
+def frozen_from_export(linear: nn.Linear, tensors: dict[str, torch.Tensor], weights: QuantArgs,
+                       acts: QuantArgs | None) -> QuantLinear:
+    """A frozen :class:`QuantLinear` rebuilt from one module's exported tensors (our grid and layout).
+
+    The codes come straight from ``weight_packed`` (or the int8 ``weight``); the float32 weight is
+    ``(q - zp) * scale`` exactly as ``freeze()`` computes it, whatever dtype the scales were saved in.
+    """
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    shape = tuple(linear.weight.shape)
+    if "weight_packed" in tensors:
+        codes = unpack_from_int32(tensors["weight_packed"], weights.num_bits, torch.Size(shape))
+    else:
+        codes = tensors["weight"]
+    codes = codes.to(torch.int32) + _offset(weights)
+    scale = tensors["weight_scale"].float()
+    rows = scale.numel()
+    zp = tensors.get("weight_zero_point")
+    if weights.symmetric or zp is None:
+        zp = torch.zeros(rows, 1)
+    else:
+        if "weight_packed" in tensors:
+            zp = unpack_from_int32(zp, weights.num_bits, scale.shape, packed_dim=0)
+        zp = zp.float().reshape(rows, 1) + _offset(weights)
+    scale = scale.reshape(rows, 1)
+    w = (as_rows(codes, weights.strategy, weights.group_size).float() - zp) * scale
+    linear.weight.data = w.reshape(shape)
+    if linear.bias is not None:
+        linear.bias.data = linear.bias.data.float()
+    m = QuantLinear(linear, weights, acts)
+    m.weight_quantizer.scale, m.weight_quantizer.zero_point = scale, zp  # static from here: frozen
+    if acts is not None and not acts.dynamic:
+        m.input_quantizer.scale = tensors["input_scale"].float().reshape(1, 1)
+        a_zp = tensors.get("input_zero_point")
+        m.input_quantizer.zero_point = (torch.zeros(1, 1) if acts.symmetric or a_zp is None
+                                        else a_zp.float().reshape(1, 1) + _offset(acts))
+    return m
+
+
+def load_runtime(path: str | Path, compute_dtype: torch.dtype = torch.bfloat16, dtype: torch.dtype | None = None
+                 ) -> tuple[nn.Module, dict[str, str]]:
+    """Load a compressed-tensors export (ours, or any integer export with one config group) onto the
+    integer kernels: ``(model, convert_to_runtime report)``.
+
+    transformers / compressed-tensors load the checkpoint (decompressed, dense); each quantized linear is
+    rebuilt as a frozen QuantLinear from its stored codes, scales and zero points and swapped for its
+    kernel. ``dtype`` then casts the remaining dense weights (embeddings, norms, lm_head), e.g. bfloat16.
+    """
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    path = Path(path)
+    qcfg = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    groups = list(qcfg.get("config_groups", {}).values())
+    if qcfg.get("quant_method") != "compressed-tensors" or len(groups) != 1:
+        raise ExportError(f"{path}: not a single-group compressed-tensors export")
+
+    def args_of(d: dict | None) -> QuantArgs | None:
+        if not d:
+            return None
+        if d.get("type", "int") != "int":
+            raise ExportError(f"{path}: only integer quantization has a runtime here, got {d.get('type')}")
+        return QuantArgs(d["num_bits"], d["symmetric"], d["strategy"], d.get("group_size"), bool(d.get("dynamic")))
+
+    weights, acts = args_of(groups[0].get("weights")), args_of(groups[0].get("input_activations"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*already has a `quantization_config`.*")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype="auto", quantization_config=CompressedTensorsConfig(dequantize=True))
+    model.eval()
+    for name, tensors in _export_tensors(path).items():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, frozen_from_export(getattr(owner, child), tensors, weights, acts))
+    report = convert_to_runtime(model, compute_dtype)
+    if dtype is not None:
+        for p in {id(p): p for p in model.parameters()}.values():
+            p.data = p.data.to(dtype)
+    return model, report

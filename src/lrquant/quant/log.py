@@ -7,8 +7,8 @@ zero probability, and everything below the smallest level, is representable):
 * log√2: ``c = round(-2 * log2(p / scale))``, value ``2^(-c/2) * scale`` (twice the resolution of log2).
 
 Codes are clamped to ``[0, 2^b - 1]``: ``p > scale`` saturates at code 0 (value ``scale``), tiny ``p``
-and ``p <= 0`` get the zero code. The rounding goes through :func:`~lrquant.quant.primitives.round_ste`, so the
-fake-quantizers pass gradients straight through inside the grid (zero in the clipped regions).
+and ``p <= 0`` get the zero code. The rounding goes through :func:`~lrquant.quant.primitives.round_ste`,
+so the fake-quantizers pass gradients straight through inside the grid (zero in the clipped regions).
 
 Reparameterisation (RepQ-ViT): a log√2 value equals an integer shift with one constant correction on
 odd codes, ``2^(-c/2) = 2^(-floor(c/2)) * (1 if c even else 1/√2)``, so log√2 attention can run on
@@ -41,7 +41,9 @@ def _check_bits(num_bits: int) -> int:
     return 2**num_bits - 1
 
 
-def _log_codes(p: torch.Tensor, num_bits: int, scale: torch.Tensor | float, steps_per_octave: int) -> torch.Tensor:
+def _log_codes(
+    p: torch.Tensor, num_bits: int, scale: torch.Tensor | float, steps_per_octave: int
+) -> torch.Tensor:
     """Float codes ``clamp(round(-steps * log2(p / scale)), 0, 2^b - 1)`` with an STE round.
 
     ``p``: any shape; ``scale``: a positive scalar or a tensor broadcasting against ``p``.
@@ -81,7 +83,9 @@ def log_sqrt2_fake_quant(p: torch.Tensor, num_bits: int, scale: torch.Tensor | f
     return torch.where(code >= 2**num_bits - 1, torch.zeros_like(value), value)
 
 
-def reparam_log_sqrt2_to_log2(codes: torch.Tensor, num_bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reparam_log_sqrt2_to_log2(
+    codes: torch.Tensor, num_bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log√2 codes -> the shift form ``(shift, odd, zero)``, each shaped like ``codes``.
 
     ``shift = floor(c / 2)`` (int32, a right shift), ``odd`` (bool): the value takes the 1/√2

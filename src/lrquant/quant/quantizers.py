@@ -4,11 +4,15 @@
   weight clipping (LWC: per-row lower/upper factors ``sigmoid(theta)`` in (0, 1)), dynamic or static
   (observed then frozen) parameters.
 * :class:`QuantLinear` — an ``nn.Linear`` (same parameter names, so checkpoints stay plain transformers
-  checkpoints) that fake-quantizes its input and weight. Transforms may set ``temp_weight`` /
-  ``temp_bias`` while a block trains; :meth:`QuantLinear.freeze` bakes the quantized weight in.
+  checkpoints) that fake-quantizes its input and weight. Transforms parametrize ``weight``/``bias``
+  while a block trains (see :mod:`lrquant.transforms`); :meth:`QuantLinear.freeze` bakes the quantized
+  weight in.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +38,7 @@ class UniformQuantizer(nn.Module):
         self.qmin, self.qmax = args.qmin, args.qmax
         # per_input: parameters come from each input (weights, dynamic activations) until frozen
         self.per_input = args.dynamic if per_input is None else per_input
+        self.enabled = True
         if lwc_rows is not None:
             # theta: [rows, 1]; clipping factor = sigmoid(theta), sigmoid(4) ~ 0.982 as in OmniQuant
             self.upbound_factor = nn.Parameter(torch.full((lwc_rows, 1), float(lwc_init)))
@@ -72,6 +77,8 @@ class UniformQuantizer(nn.Module):
         return minmax_qparams(rows, self.qmin, self.qmax, self.args.symmetric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
         rows = self.rows(x)
         if self.mode == "observe":
             with torch.no_grad():
@@ -114,6 +121,9 @@ class QuantLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
+        # an online op on the input that could not be folded (e.g. a Hadamard rotation), kept from the
+        # wrapped linear; it runs before the input quantizer
+        self.input_transform: nn.Module | None = getattr(linear, "input_transform", None)
         self.weight_quantizer: UniformQuantizer | None = None
         self.input_quantizer: UniformQuantizer | None = None
         if weight_args is not None:
@@ -121,8 +131,6 @@ class QuantLinear(nn.Linear):
             self.weight_quantizer = UniformQuantizer(weight_args, lwc_rows=rows if lwc else None, per_input=True)
         if act_args is not None:
             self.input_quantizer = UniformQuantizer(act_args)
-        self.temp_weight: torch.Tensor | None = None
-        self.temp_bias: torch.Tensor | None = None
         self.quant_error: float | None = None
 
     @property
@@ -132,16 +140,17 @@ class QuantLinear(nn.Linear):
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward uses: ``[out, in]``, fake-quantized unless already frozen."""
-        w = self.temp_weight if self.temp_weight is not None else self.weight
+        w = self.weight
         if self.weight_quantizer is not None and not self.weight_frozen:
             w = self.weight_quantizer(w)
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        b = self.temp_bias if self.temp_bias is not None else self.bias
-        return F.linear(x, self.effective_weight(), b)
+        return F.linear(x, self.effective_weight(), self.bias)
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -161,6 +170,19 @@ class QuantLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+@contextlib.contextmanager
+def quantization_disabled(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` in full precision inside the block (every quantizer passes its input through)."""
+    quantizers = [m for m in module.modules() if isinstance(m, UniformQuantizer) and m.enabled]
+    for q in quantizers:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            q.enabled = True
 
 
 def quant_linears(module: nn.Module) -> dict[str, QuantLinear]:

@@ -1,0 +1,223 @@
+"""Shared machinery of the learned block-wise methods: activation statistics, SmoothQuant scales,
+the training loop with rollback on non-finite losses, and the fold."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..arch.base import SmoothPair
+from ..losses import combined
+from ..quant.quantizers import UniformQuantizer, quantization_disabled
+from ..transforms import Transform, fold_block, online_ops
+from .base import Method
+
+if TYPE_CHECKING:
+    from ..engine import BlockContext
+
+log = logging.getLogger("lrquant")
+
+LR_RETRIES = 2
+LR_BACKOFF = 0.1
+
+
+@torch.no_grad()
+def channel_stats(ctx: BlockContext, pairs: tuple[SmoothPair, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-channel ``min``/``max``/``absmax`` of the channels each pair transforms, on the FP stream.
+
+    Keys are ``pair.prev``. ``heads``: the o_proj input reduced to kv channels ``[KV * D]`` (max over the
+    query heads of each group); ``qk``: not collected (initialised to ones).
+    """
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    handles = []
+    n, kv, hd = ctx.mapping.heads(ctx.config)
+
+    def hook_for(pair: SmoothPair):
+        def hook(_m: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            lo, hi = x.amin(0), x.amax(0)
+            if pair.kind == "heads":
+                group = n // kv  # [H * D] -> [KV, group, D] -> [KV * D]
+                lo = lo.reshape(kv, group, hd).amin(1).reshape(-1)
+                hi = hi.reshape(kv, group, hd).amax(1).reshape(-1)
+            cur = stats.get(pair.prev)
+            if cur is None:
+                stats[pair.prev] = {"min": lo, "max": hi}
+            else:
+                cur["min"], cur["max"] = torch.minimum(cur["min"], lo), torch.maximum(cur["max"], hi)
+        return hook
+
+    for pair in pairs:
+        if pair.kind != "qk":
+            handles.append(ctx.block.get_submodule(pair.nexts[0]).register_forward_pre_hook(hook_for(pair)))
+    try:
+        with quantization_disabled(ctx.block):
+            for idx in ctx.batches(1, shuffle=False):
+                ctx.forward(ctx.fp_in[idx])
+    finally:
+        for h in handles:
+            h.remove()
+    for s in stats.values():
+        s["absmax"] = torch.maximum(s["min"].abs(), s["max"].abs())
+    return stats
+
+
+def weight_absmax(ctx: BlockContext, pair: SmoothPair) -> torch.Tensor:
+    """Max |W| per input channel over the pair's next linears (``heads``: reduced to kv channels)."""
+    w = torch.cat([ctx.block.get_submodule(n).weight.detach().abs() for n in pair.nexts], 0).amax(0).float()
+    if pair.kind == "heads":
+        n, kv, hd = ctx.mapping.heads(ctx.config)
+        w = w.reshape(kv, n // kv, hd).amax(1).reshape(-1)
+    return w
+
+
+def smooth_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant: ``s = max|X|^alpha / max|W|^(1 - alpha)``, clamped to ``[1e-5, 1e5]``."""
+    s = act_absmax.clamp_min(1e-5).pow(alpha) / w_absmax.clamp_min(1e-5).pow(1 - alpha)
+    return s.clamp(1e-5, 1e5)
+
+
+class LearnedMethod(Method):
+    """Block-wise training of quantizer and transform parameters against the FP block output.
+
+    Subclasses choose the transforms (:meth:`make_transforms`), their initialisation and the loss terms.
+    Options (``recipe.options``): ``loss`` (dict of loss weights, default ``{"mse": 1}``), ``q_target``
+    (weight of the extra target: FP block applied to the quantized input, default 0), ``amp`` (bf16
+    autocast on CUDA, default true).
+    """
+
+    uses_lwc = True
+    default_lr: dict[str, float] = {"lwc": 1e-2, "let": 5e-3}
+
+    def __init__(self, recipe) -> None:
+        super().__init__(recipe)
+        self.options: dict[str, Any] = dict(recipe.options)
+        self.lr = {**self.default_lr, **recipe.train.lr}
+        self.online_ops: list[str] = []
+
+    # ---- to override ---------------------------------------------------------------------------------
+    def make_transforms(self, ctx: BlockContext) -> list[Transform]:
+        return []
+
+    def loss_terms(self) -> dict[str, float]:
+        return dict(self.options.get("loss", {"mse": 1.0}))
+
+    def targets(self, ctx: BlockContext) -> list[tuple[torch.Tensor, float]]:
+        """``[(target [N, L, H], weight)]``: FP block on FP input, plus optionally on quantized input."""
+        out = [(ctx.fp_out, 1.0)]
+        w = float(self.options.get("q_target", 0.0))
+        if w > 0:
+            with torch.no_grad(), quantization_disabled(ctx.block):
+                from ..engine import run_stream
+
+                out.append((run_stream(ctx.block, ctx.q_in, ctx.kwargs, ctx.device), w))
+        return out
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def trainable(self, ctx: BlockContext, transforms: list[Transform]) -> list[dict[str, Any]]:
+        lwc = [p for m in ctx.block.modules() if isinstance(m, UniformQuantizer) and m.lwc
+               for p in (m.upbound_factor, m.lowbound_factor)]
+        let = [p for t in transforms for p in t.parameters()]
+        groups = []
+        if lwc:
+            groups.append({"params": lwc, "lr": self.lr["lwc"], "name": "lwc"})
+        if let:
+            groups.append({"params": let, "lr": self.lr["let"], "name": "let"})
+        return groups
+
+    def block_loss(self, ctx: BlockContext, targets, idx: torch.Tensor) -> torch.Tensor:
+        amp = ctx.device.type == "cuda" and self.options.get("amp", True)
+        with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = ctx.forward(ctx.q_in[idx])
+        terms = self.loss_terms()
+        return sum(w * combined(out, t[idx].to(ctx.device), terms) for t, w in targets)
+
+    @torch.no_grad()
+    def eval_loss(self, ctx: BlockContext, targets) -> float:
+        total = 0.0
+        n = 0
+        for idx in ctx.batches(ctx.recipe.train.batch_size, shuffle=False):
+            total += float(self.block_loss(ctx, targets, idx)) * len(idx)
+            n += len(idx)
+        return total / max(n, 1)
+
+    def quantize_block(self, ctx: BlockContext) -> None:
+        targets = self.targets(ctx)
+        transforms = self.make_transforms(ctx)
+        for t in transforms:
+            t.to(ctx.device)
+            t.attach(ctx.block)
+        for p in ctx.block.parameters():
+            p.requires_grad_(False)
+        groups = self.trainable(ctx, transforms)
+        params = [p for g in groups for p in g["params"]]
+        for p in params:
+            p.requires_grad_(True)
+        initial = [p.detach().clone() for p in params]
+        ctx.report.init_loss = self.eval_loss(ctx, targets)
+
+        epochs = ctx.recipe.train.epochs
+        scale_lr = 1.0
+        for attempt in range(LR_RETRIES + 1):
+            ok = self._train(ctx, transforms, groups, params, targets, epochs, scale_lr)
+            if ok:
+                break
+            with torch.no_grad():
+                for p, p0 in zip(params, initial, strict=True):
+                    p.copy_(p0)
+            scale_lr *= LR_BACKOFF
+            msg = f"non-finite loss in block {ctx.index}; rolled back"
+            if attempt < LR_RETRIES:
+                msg += f", retrying with lr x{scale_lr:g}"
+            else:
+                msg += " to its initialisation"
+            log.warning(msg)
+            ctx.report.notes.append(msg)
+
+        final = self.eval_loss(ctx, targets) if params else ctx.report.init_loss
+        if not (final <= ctx.report.init_loss) and params:
+            # never end worse than the initialisation
+            with torch.no_grad():
+                for p, p0 in zip(params, initial, strict=True):
+                    p.copy_(p0)
+            for t in transforms:
+                if hasattr(t, "set_epoch"):
+                    t.set_epoch(0, 1)
+            ctx.report.notes.append(f"training raised the loss ({final:.4g} > {ctx.report.init_loss:.4g}); "
+                                    "kept the initialisation")
+            final = ctx.report.init_loss
+        ctx.report.final_loss = final
+        for p in params:
+            p.requires_grad_(False)
+        self.online_ops.extend(f"{ctx.name}.{op}" for op in online_ops(transforms))
+        fold_block(ctx.block)
+        self.freeze_weights(ctx.block)
+        self.calibrate_static(ctx)
+
+    def _train(self, ctx, transforms, groups, params, targets, epochs: int, scale_lr: float) -> bool:
+        """Returns False on a non-finite loss (the caller rolls back)."""
+        if not params or epochs == 0:
+            return True
+        opt = torch.optim.AdamW([{**g, "lr": g["lr"] * scale_lr} for g in groups],
+                                weight_decay=ctx.recipe.train.weight_decay)
+        for epoch in range(epochs):
+            for t in transforms:
+                if hasattr(t, "set_epoch"):
+                    t.set_epoch(epoch, epochs)
+            total, count = 0.0, 0
+            for idx in ctx.batches(ctx.recipe.train.batch_size):
+                loss = self.block_loss(ctx, targets, idx)
+                if not torch.isfinite(loss):
+                    return False
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                ctx.all_reduce_grads(params)
+                opt.step()
+                total += loss.item() * len(idx)
+                count += len(idx)
+            ctx.report.losses.append(total / max(count, 1))
+            ctx.on_progress(f"epoch {epoch + 1}/{epochs} loss {total / max(count, 1):.4g}")
+        return True
