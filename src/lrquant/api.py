@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from .errors import LrquantError
 from .io import atomic_write_json
 from .methods import get_method
 from .models import cache_dir, load_model
+from .tta import TTAConfig
 
 log = logging.getLogger("lrquant")
 
@@ -40,6 +42,7 @@ class QuantizeResult:
     reports: list[BlockReport]
     calib_time_s: float
     online_ops: list[str]
+    method: Any = None
 
 
 def calibration_data(recipe: Recipe, tokenizer: Any, data_dir: str | None = None) -> torch.Tensor:
@@ -78,7 +81,7 @@ def quantize(
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None, resume=resume,
         model_name=model_name, progress=progress,
     )
-    return QuantizeResult(model, result.reports, result.seconds, list(getattr(method, "online_ops", [])))
+    return QuantizeResult(model, result.reports, result.seconds, list(getattr(method, "online_ops", [])), method)
 
 
 # ---- the full job -------------------------------------------------------------------------------------
@@ -128,6 +131,28 @@ def _fp_ppl_cached(model_key: str, model: nn.Module, tokenizer: Any, datasets: l
     return out
 
 
+def _run_tta(q_model: nn.Module, model_name: str, method: Any, tokenizer: Any, datasets: list[str],
+             cfg: TTAConfig, seqlen: int, windows: int | None, data_dir: str | None, device: Any,
+             progress: bool) -> tuple[dict[str, float], dict[str, Any]]:
+    """Per dataset: adapt the last blocks on its (unlabeled) evaluation stream, measure PPL, restore."""
+    from .arch.base import get_mapping
+    from .data.text import eval_tokens
+    from .tta import adapt
+
+    fp_model, _, _ = load_model(model_name)
+    blocks = q_model.get_submodule(get_mapping(q_model).blocks)
+    ppl, info = {}, {}
+    for name in datasets:
+        saved = {i: copy.deepcopy(blocks[i]) for i in range(len(blocks) - cfg.blocks, len(blocks))}
+        report = adapt(q_model, fp_model, method, eval_tokens(tokenizer, name, data_dir=data_dir), cfg, device)
+        ppl[name] = evaluate_ppl(q_model, tokenizer, [name], seqlen, windows, data_dir, device, progress)[name]["ppl"]
+        info[name] = {**asdict(report), "config": asdict(cfg)}
+        log.info("TTA on %s: %.1fs, perplexity %.4f", name, report.seconds, ppl[name])
+        for i, block in saved.items():
+            blocks[i] = block
+    return ppl, info
+
+
 def _save_model(model: nn.Module, tokenizer: Any, target: Path) -> None:
     """Save a fake-quant checkpoint plain transformers loads, atomically (temp folder, then rename)."""
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".model."))
@@ -165,6 +190,7 @@ def run(
     overwrite: bool = False,
     save_model: bool = True,
     progress: bool = True,
+    tta: TTAConfig | None = None,
 ) -> RunResult:
     """Run one quantization job end to end; writes ``results.json`` (also returned) and the model."""
     out = Path(output_dir)
@@ -194,6 +220,8 @@ def run(
             results["fp_ppl"] = {k: v["ppl"] for k, v in fp.items()}
             for k, v in fp.items():
                 log.info("FP %s perplexity %.4f (%d of %d windows)", k, v["ppl"], v["windows"], v["total_windows"])
+        if tta is not None:
+            recipe.options["tta_blocks"] = tta.blocks
         t0 = time.time()
         qr = quantize(model, recipe, tokenizer=tokenizer, device=device, checkpoint_dir=out / "checkpoint",
                       resume=resume, progress=progress, data_dir=data_dir, model_name=display)
@@ -207,6 +235,9 @@ def run(
             results["eval"]["detail"] = q
             for k, v in q.items():
                 log.info("quantized %s perplexity %.4f (FP %.4f)", k, v["ppl"], results["fp_ppl"][k])
+        if tta is not None and eval_datasets:
+            results["ppl_tta"], results["tta"] = _run_tta(model, model_name, qr.method, tokenizer, eval_datasets,
+                                                         tta, eval_seqlen, eval_windows, data_dir, device, progress)
         results["peak_rss_gb"] = round(peak_rss_gb(), 3)
         if torch.cuda.is_available():
             results["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)

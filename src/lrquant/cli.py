@@ -81,7 +81,10 @@ def _print_summary(results: dict, out: Path) -> None:
         detail = results["eval"].get("detail", {}).get(name, {})
         fp = results.get("fp_ppl", {}).get(name, float("nan"))
         windows = f"{detail.get('windows')} of {detail.get('total_windows')} windows" if detail else ""
-        print(f"{name:>12}  FP ppl {fp:9.3f}   quantized ppl {ppl:9.3f}   ({windows} x {results['eval']['seqlen']})")
+        tta = results.get("ppl_tta", {}).get(name)
+        tta = f"   with TTA {tta:9.3f} ({results['tta'][name]['seconds']:.0f}s)" if tta is not None else ""
+        seqlen = results['eval']['seqlen']
+        print(f"{name:>12}  FP ppl {fp:9.3f}   quantized ppl {ppl:9.3f}{tta}   ({windows} x {seqlen})")
     print(f"run folder: {out}  (results.json, recipe.yaml, run.log, model/)")
 
 
@@ -91,10 +94,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = build_recipe(args)
     out = Path(args.output or f"runs/{recipe.method}-{recipe.scheme.name()}")
     windows = None if args.eval_windows == 0 else args.eval_windows
+    tta = None
+    if args.tta:
+        from .tta import TTAConfig
+
+        tta = TTAConfig(steps=args.tta_steps, lr=args.tta_lr, blocks=args.tta_blocks, windows=args.tta_windows,
+                        seqlen=args.tta_seqlen)
     result = run(
         args.model, recipe, out, eval_datasets=_default_eval(args), eval_seqlen=args.eval_seqlen,
         eval_windows=windows, data_dir=_data_dir(args), device=args.device, resume=args.resume,
-        overwrite=args.overwrite, save_model=not args.no_save, progress=not args.quiet,
+        overwrite=args.overwrite, save_model=not args.no_save, progress=not args.quiet, tta=tta,
     )
     _print_summary(result.results, out)
     return 0
@@ -110,7 +119,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        args.device, progress=not args.quiet)
     print(f"model {display}")
     for name, r in res.items():
-        print(f"{name:>12}  ppl {r['ppl']:9.3f}   ({r['windows']} of {r['total_windows']} windows x {args.eval_seqlen})")
+        windows = f"{r['windows']} of {r['total_windows']} windows x {args.eval_seqlen}"
+        print(f"{name:>12}  ppl {r['ppl']:9.3f}   ({windows})")
     return 0
 
 
@@ -155,6 +165,13 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--lr-rot", type=float, default=None, help="learning rate of LRQuant+ rotation vectors")
     q.add_argument("--lr", action="append", metavar="NAME=VALUE", help="learning rate of any parameter group")
     q.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option (YAML value)")
+    q.add_argument("--tta", action="store_true",
+                   help="test-time adaptation of the last blocks on each evaluation stream (learned methods)")
+    q.add_argument("--tta-steps", type=int, default=2, help="passes over the TTA windows")
+    q.add_argument("--tta-lr", type=float, default=None, help="TTA learning rate (default: calibration lr x 0.1)")
+    q.add_argument("--tta-blocks", type=int, default=1, help="how many final blocks adapt")
+    q.add_argument("--tta-windows", type=int, default=4, help="evaluation windows used for adaptation")
+    q.add_argument("--tta-seqlen", type=int, default=512, help="tokens per TTA window")
     q.add_argument("--output", default=None, help="run folder (default runs/<method>-<scheme>)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
     q.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")

@@ -88,6 +88,7 @@ class BlockContext:
     generator: torch.Generator
     report: BlockReport
     on_progress: Callable[[str], None] = lambda _msg: None
+    block_list: nn.ModuleList | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the block on ``x: [B, L, H]`` (moved to the compute device) -> ``[B, L, H]``."""
@@ -204,7 +205,7 @@ def load_block_tensors(block: nn.Module, tensors: dict[str, torch.Tensor]) -> No
     """Restore :func:`block_tensors`; parameters absent from ``tensors`` are dropped (set to ``None``),
     tensors whose slot is ``None`` are created (e.g. a bias added by a fold)."""
     existing = dict(block.named_parameters())
-    for name, param in existing.items():
+    for name in existing:
         if name not in tensors:
             owner, _, attr = name.rpartition(".")
             setattr(block.get_submodule(owner) if owner else block, attr, None)
@@ -315,6 +316,7 @@ def quantize_blocks(
             generator=torch.Generator().manual_seed(block_seed(recipe.train.seed, index)),
             report=BlockReport(block=index),
             on_progress=lambda msg, i=index: bar.set_postfix_str(f"block {i}: {msg}", refresh=True),
+            block_list=blocks,
         )
         method.prepare_block(ctx)
         if index <= completed:

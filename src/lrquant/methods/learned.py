@@ -3,6 +3,7 @@ the training loop with rollback on non-finite losses, and the fold."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from ..arch.base import SmoothPair
 from ..losses import combined
-from ..quant.quantizers import UniformQuantizer, quantization_disabled
+from ..quant.quantizers import QuantLinear, UniformQuantizer, quantization_disabled
 from ..transforms import Transform, fold_block, online_ops
 from .base import Method
 
@@ -90,13 +91,18 @@ class LearnedMethod(Method):
     """
 
     uses_lwc = True
-    default_lr: dict[str, float] = {"lwc": 1e-2, "let": 5e-3}
+    default_lr: dict[str, float] = {"lwc": 1e-2, "let": 5e-3, "rot": 1e-3}
 
     def __init__(self, recipe) -> None:
         super().__init__(recipe)
         self.options: dict[str, Any] = dict(recipe.options)
         self.lr = {**self.default_lr, **recipe.train.lr}
         self.online_ops: list[str] = []
+        # test-time adaptation: for the last ``tta_blocks`` blocks keep the FP block and the learned
+        # parameter values (see lrquant.tta); ``warm_start`` seeds the parameters instead of the init
+        self.tta_blocks = int(self.options.get("tta_blocks", 0))
+        self.tta_state: dict[int, dict[str, Any]] = {}
+        self.warm_start: list[torch.Tensor] | None = None
 
     # ---- to override ---------------------------------------------------------------------------------
     def make_transforms(self, ctx: BlockContext) -> list[Transform]:
@@ -121,11 +127,12 @@ class LearnedMethod(Method):
         lwc = [p for m in ctx.block.modules() if isinstance(m, UniformQuantizer) and m.lwc
                for p in (m.upbound_factor, m.lowbound_factor)]
         let = [p for t in transforms for p in t.parameters()]
+        rot = [m.channel_vector for m in ctx.block.modules()
+               if isinstance(m, QuantLinear) and m.channel_vector is not None]
         groups = []
-        if lwc:
-            groups.append({"params": lwc, "lr": self.lr["lwc"], "name": "lwc"})
-        if let:
-            groups.append({"params": let, "lr": self.lr["let"], "name": "let"})
+        for name, ps in (("lwc", lwc), ("let", let), ("rot", rot)):
+            if ps:
+                groups.append({"params": ps, "lr": self.lr[name], "name": name})
         return groups
 
     def block_loss(self, ctx: BlockContext, targets, idx: torch.Tensor) -> torch.Tensor:
@@ -145,6 +152,10 @@ class LearnedMethod(Method):
         return total / max(n, 1)
 
     def quantize_block(self, ctx: BlockContext) -> None:
+        n_blocks = len(ctx.block_list) if ctx.block_list is not None else 0
+        keep_for_tta = self.tta_blocks > 0 and ctx.index >= n_blocks - self.tta_blocks
+        if keep_for_tta:
+            self.tta_state[ctx.index] = {"fp_block": copy.deepcopy(ctx.block).cpu()}
         targets = self.targets(ctx)
         transforms = self.make_transforms(ctx)
         for t in transforms:
@@ -156,6 +167,10 @@ class LearnedMethod(Method):
         params = [p for g in groups for p in g["params"]]
         for p in params:
             p.requires_grad_(True)
+        if self.warm_start is not None:
+            with torch.no_grad():
+                for p, w in zip(params, self.warm_start, strict=True):
+                    p.copy_(w)
         initial = [p.detach().clone() for p in params]
         ctx.report.init_loss = self.eval_loss(ctx, targets)
 
@@ -192,6 +207,8 @@ class LearnedMethod(Method):
         ctx.report.final_loss = final
         for p in params:
             p.requires_grad_(False)
+        if keep_for_tta:
+            self.tta_state[ctx.index]["params"] = [p.detach().cpu().clone() for p in params]
         self.online_ops.extend(f"{ctx.name}.{op}" for op in online_ops(transforms))
         fold_block(ctx.block)
         self.freeze_weights(ctx.block)

@@ -16,8 +16,10 @@ log2 (shift) hardware: ``P @ V = Σ_even 2^(-s) V + (1/√2) Σ_odd 2^(-s) V``.
 :func:`reparam_log_sqrt2_to_log2` gives that form; :func:`reparam_dequant` evaluates it and equals
 :func:`log_sqrt2_fake_quant` bit for bit.
 
-Grid values ``2^(-c)`` / ``2^(-c/2)`` are computed in float32 (exact powers of two; 2^(-c/2) for c <= 255
-agrees with ``2^(-floor(c/2)) * fl32(1/√2)`` exactly) and then cast to the input's dtype.
+Grid values ``2^(-c)`` / ``2^(-c/2)`` are computed in float32 (exact powers of two; ``2^(-c/2)`` for
+``c <= 255`` agrees with ``2^(-floor(c/2)) * fl32(1/√2)`` exactly) and then cast to the input's dtype, so
+levels below float32's smallest subnormal (8-bit log2 codes >= 150, i.e. probabilities under 1e-45)
+dequantize to 0.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def reparam_dequant(
 ) -> torch.Tensor:
     """Evaluate the shift form of :func:`reparam_log_sqrt2_to_log2`: ``2^(-shift) * (1/√2 if odd) * scale``
     (an exact ``ldexp``), 0 on the zero code, in ``dtype``."""
-    mantissa = torch.where(odd, torch.tensor(_SQRT1_2, dtype=torch.float32), torch.tensor(1.0))
+    mantissa = torch.ones(odd.shape, dtype=torch.float32, device=odd.device).masked_fill(odd, _SQRT1_2)
     value = torch.ldexp(mantissa, -shift.to(torch.int32)).to(dtype) * scale
     return torch.where(zero, torch.zeros_like(value), value)
 

@@ -132,6 +132,9 @@ class QuantLinear(nn.Linear):
         if act_args is not None:
             self.input_quantizer = UniformQuantizer(act_args)
         self.quant_error: float | None = None
+        # LRQuant+ rotation vector: per-output-channel factors on the dequantized weight, [out]; folded
+        # into the quantization scales by freeze()
+        self.channel_vector: nn.Parameter | None = None
 
     @property
     def weight_frozen(self) -> bool:
@@ -143,6 +146,8 @@ class QuantLinear(nn.Linear):
         w = self.weight
         if self.weight_quantizer is not None and not self.weight_frozen:
             w = self.weight_quantizer(w)
+        if self.channel_vector is not None:
+            w = w * self.channel_vector[:, None]
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,6 +168,13 @@ class QuantLinear(nn.Linear):
         q = self.weight_quantizer
         q.freeze(self.weight)
         wq = q(self.weight)
+        if self.channel_vector is not None:
+            # dequant (code - zp) * scale * v: the vector becomes part of each row's scale, exactly
+            v = self.channel_vector.detach()
+            rows_per_channel = q.scale.shape[0] // v.shape[0]
+            q.scale = q.scale * v.repeat_interleave(rows_per_channel)[:, None]
+            wq = wq * v[:, None]
+            self.channel_vector = None
         self.quant_error = float((wq - self.weight).norm() / self.weight.norm().clamp_min(1e-20))
         self.weight.data.copy_(wq)
         q.upbound_factor = None

@@ -84,4 +84,5 @@ class HeadAffine(Transform):
             add_param(o, "weight", o_weight)
 
     def extra_repr(self) -> str:
-        return f"heads: {self.pair.prev} -> {', '.join(self.pair.nexts)}, A [{self.n_kv}, {self.head_dim}, {self.head_dim}]"
+        d = self.head_dim
+        return f"heads: {self.pair.prev} -> {', '.join(self.pair.nexts)}, A [{self.n_kv}, {d}, {d}]"

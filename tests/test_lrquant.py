@@ -1,0 +1,120 @@
+"""LRQuant / LRQuant+: log init, NLC loss, rotation vectors folded exactly into the scales, two-branch
+targets, test-time adaptation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from lrquant import api
+from lrquant.config import CalibArgs, QuantArgs, Recipe, Scheme, TrainArgs
+from lrquant.errors import ConfigError
+from lrquant.losses import mse, nlc
+from lrquant.methods.lrquant import log_equivalent_scales
+from lrquant.quant.quantizers import QuantLinear
+from lrquant.tta import TTAConfig, adapt
+
+CALIB = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+
+
+def _recipe(method: str, wbits=4, abits=4, group=None, epochs=1, **options) -> Recipe:
+    return Recipe(method=method, scheme=Scheme.from_bits(wbits, abits, group),
+                  calib=CalibArgs(nsamples=4, seqlen=16), train=TrainArgs(epochs=epochs, batch_size=2),
+                  options=options)
+
+
+def test_log_equivalent_init_formula():
+    a = torch.tensor([0.0, 1e-6, 1.0, 2.0, 100.0])
+    s = log_equivalent_scales(a)
+    ac = a.clamp_min(1e-5)
+    torch.testing.assert_close(s, ac / torch.log2(2 + ac))
+    assert s[2].item() == pytest.approx(1 / torch.log2(torch.tensor(3.0)).item())
+
+
+def test_nlc_loss():
+    x = torch.randn(2, 5, 8)
+    assert nlc(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert nlc(x, 3 * x).item() == pytest.approx(0.0, abs=1e-6)  # scale-invariant, unlike MSE
+    assert mse(x, 3 * x).item() > 0
+    assert torch.isfinite(nlc(x, -x)) and nlc(x, -x).item() > 10  # cosine -1 is guarded, not NaN
+    y = x.clone().requires_grad_(True)
+    nlc(y, x + 0.1 * torch.randn_like(x)).backward()
+    assert torch.isfinite(y.grad).all()
+
+
+@pytest.mark.parametrize("strategy,group", [("channel", None), ("group", 32)])
+def test_rotation_vector_folds_exactly_into_scales(strategy, group):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    ql = QuantLinear(lin, QuantArgs(4, False, strategy, group), None, lwc=True)
+    ql.channel_vector = torch.nn.Parameter(torch.rand(48) + 0.5)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        ref = ql(x)
+        ql.freeze()
+        out = ql(x)
+    assert ql.channel_vector is None
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    # the frozen weight is exactly representable on the new scales: integer codes
+    q = ql.weight_quantizer
+    rows = q.rows(ql.weight.detach())
+    codes = rows / q.scale + q.zero_point
+    torch.testing.assert_close(codes, codes.round(), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lrquant", "lrquant_plus"])
+def test_lrquant_methods_run_and_never_end_worse(method):
+    model = tiny_llama()
+    res = api.quantize(model, _recipe(method, epochs=2), CALIB, progress=False)
+    for r in res.reports:
+        assert r.final_loss <= r.init_loss and len(r.losses) == 2
+    assert not any(isinstance(m, QuantLinear) and m.channel_vector is not None for m in model.modules())
+    assert torch.isfinite(model(CALIB).logits).all()
+
+
+def test_lrquant_plus_uses_two_branches_and_vectors(monkeypatch):
+    from lrquant.methods import learned
+
+    seen = {}
+    real = learned.LearnedMethod.trainable
+
+    def spy(self, ctx, transforms):
+        groups = real(self, ctx, transforms)
+        seen[ctx.index] = ({g["name"]: len(g["params"]) for g in groups}, len(self.targets(ctx)))
+        return groups
+
+    monkeypatch.setattr(learned.LearnedMethod, "trainable", spy)
+    api.quantize(tiny_llama(), _recipe("lrquant_plus"), CALIB, progress=False)
+    names, branches = seen[0]
+    assert names["rot"] == 3 and branches == 2   # q, o, up vectors; FP-input and quantized-input targets
+
+
+def test_lrquant_plus_rejects_unknown_roles():
+    with pytest.raises(ConfigError, match="unknown rotation-vector roles"):
+        api.quantize(tiny_llama(), _recipe("lrquant_plus", vectors=["nope"]), CALIB, progress=False)
+
+
+def test_tta_adapts_last_block_on_eval_stream():
+    fp = tiny_llama(layers=3)
+    q = copy.deepcopy(fp)
+    res = api.quantize(q, _recipe("lrquant", 4, 4, tta_blocks=1), CALIB, progress=False)
+    before = copy.deepcopy(q.model.layers[2].state_dict())
+    first = copy.deepcopy(q.model.layers[0].state_dict())
+    tokens = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(7))
+    report = adapt(q, fp, res.method, tokens, TTAConfig(steps=2, blocks=1, windows=2, seqlen=32, lr=1e-2))
+    assert report.blocks == [2] and report.final_loss[0] <= report.init_loss[0]
+    after = q.model.layers[2].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)   # the last block changed
+    assert all(torch.equal(first[k], v) for k, v in q.model.layers[0].state_dict().items())  # others did not
+    assert torch.isfinite(q(tokens).logits).all()
+
+
+def test_tta_without_state_is_a_clear_error():
+    fp = tiny_llama()
+    q = copy.deepcopy(fp)
+    res = api.quantize(q, _recipe("lrquant"), CALIB, progress=False)
+    with pytest.raises(ConfigError, match="tta_blocks"):
+        adapt(q, fp, res.method, torch.randint(0, 128, (1, 64)), TTAConfig(windows=2, seqlen=32))

@@ -1,0 +1,255 @@
+"""Rotation pre-step (``--rotate hadamard``): orthonormal Hadamard constructions (powers of two, Paley,
+random-orthogonal fallback), exactness of norm fusion + residual rotation + online Hadamards on tiny
+random models in float64 (GQA, biases, QK-norm, tied/untied, non-power-of-two widths), refusals, negative
+controls, and the point of it: an outlier channel in the residual stream is spread out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import transformers
+from test_arch import CASES, _randomize
+from torch import nn
+
+from lrquant.arch import get_mapping
+from lrquant.errors import UnsupportedArchitectureError
+from lrquant.quant.quantizers import QuantLinear
+from lrquant.transforms import ScaleShift, fold_block
+from lrquant.transforms.rotation import (
+    OnlineHadamard,
+    OnlineRotatedLinear,
+    _rotate_fused,
+    fuse_norms,
+    hadamard_factors,
+    hadamard_matrix,
+    online_specs,
+    pairs_without_online_inputs,
+    rotate_model,
+)
+from lrquant.transforms.scale_shift import pair_channels
+
+VOCAB = 128
+IDS = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _llama(tied: bool = False, hidden: int = 64, inter: int = 128, heads: int = 4, kv: int = 2):
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=heads,
+        num_key_value_heads=kv, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=tied))
+
+
+def _qwen2():
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False))
+
+
+def _qwen3():
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=True))
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "llama_gqa_untied": lambda: _llama(tied=False),
+    "llama_tied": lambda: _llama(tied=True),
+    "qwen2_bias": _qwen2,
+    "qwen3_qknorm_tied": _qwen3,
+    # SmolLM2's shape in miniature: hidden 72 = 9 heads x 8 (9 x 8: Paley 36 x 2), 3 kv heads,
+    # intermediate 96 = 12 x 8 (Paley 12 x Sylvester 8), 9 heads -> random-orthogonal fallback, tied
+    "smollm2_shaped": lambda: _llama(tied=True, hidden=72, inter=96, heads=9, kv=3),
+}
+
+
+def _model(name: str, seed: int = 1) -> nn.Module:
+    torch.manual_seed(0)
+    return _randomize(MODELS[name](), seed=seed).double()
+
+
+def _logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+# ---- matrices ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 12, 20, 28, 36, 64, 72, 96, 576, 1536, 9, 18, 6])
+def test_hadamard_matrix_orthonormal(n):
+    h = hadamard_matrix(n, seed=7)
+    assert h.shape == (n, n) and h.dtype == torch.float64
+    torch.testing.assert_close(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0)
+    _, _, construction = hadamard_factors(n)
+    if construction.startswith("random-orthogonal"):
+        assert n % 4 and n > 2  # no Hadamard matrix of these orders exists
+    else:  # a true (randomized) Hadamard matrix: every entry is +-1/sqrt(n)
+        torch.testing.assert_close(h.abs(), torch.full_like(h, n**-0.5), atol=1e-12, rtol=0)
+
+
+def test_hadamard_constructions_and_randomization():
+    assert hadamard_factors(576)[2] == "paley(36) x sylvester(16)"
+    assert hadamard_factors(1536)[2] == "paley(12) x sylvester(128)"
+    assert hadamard_factors(2048)[2] == "sylvester(2048)"
+    assert hadamard_factors(9)[2] == "random-orthogonal(9) x sylvester(1)"
+    torch.testing.assert_close(hadamard_matrix(72, seed=3), hadamard_matrix(72, seed=3), atol=0, rtol=0)
+    assert (hadamard_matrix(72, seed=3) - hadamard_matrix(72, seed=4)).abs().max() > 0.1
+    torch.testing.assert_close(hadamard_matrix(18), hadamard_matrix(18), atol=0, rtol=0)  # fallback is seeded
+
+
+@pytest.mark.parametrize(("size", "block"), [(8, 1), (96, 1), (72, 1), (9, 8), (1536, 1), (4, 3)])
+def test_online_hadamard_equals_dense(size, block):
+    m = OnlineHadamard(size, block=block, dtype=torch.float64)
+    x = torch.randn(2, 5, size * block, dtype=torch.float64)
+    dense = m.matrix()
+    torch.testing.assert_close(dense @ dense.T, torch.eye(size * block, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(m(x), x @ dense, atol=1e-12, rtol=0)
+    if block == 1:
+        torch.testing.assert_close(dense, hadamard_matrix(size), atol=1e-12, rtol=0)
+    assert not m.state_dict()  # non-persistent: checkpoints are unchanged
+
+
+# ---- exactness -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("online_value", [False, True], ids=["resid+down", "resid+down+value"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_rotate_model_is_exact(name, online_value):
+    model = _model(name)
+    mapping = get_mapping(model)
+    was_tied = model.lm_head.weight is model.get_submodule(mapping.embed_tokens).weight
+    ref = _logits(model)
+    q_before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    online = rotate_model(model, mapping, seed=11, online_value=online_value)
+    out = _logits(model)
+    assert (ref - ref.mean()).abs().max() > 1e-2  # logits are not constant: the check can fail
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    assert (model.model.layers[0].self_attn.q_proj.weight - q_before).abs().max() > 1e-2  # it did rotate
+
+    expected = [f"model.layers.{i}.mlp.down_proj.input_transform" for i in range(2)]
+    if online_value:
+        expected = [p for i in range(2) for p in (f"model.layers.{i}.mlp.down_proj.input_transform",
+                                                  f"model.layers.{i}.self_attn.o_proj.input_transform")]
+    assert online == expected
+    assert sorted(online_specs(model)) == sorted(expected)
+    assert online_specs(model)[expected[0]]["size"] == model.config.intermediate_size
+    for layer in model.model.layers:
+        assert isinstance(layer.mlp.down_proj, OnlineRotatedLinear)
+        torch.testing.assert_close(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
+    assert model.lm_head.weight is not model.get_submodule(mapping.embed_tokens).weight
+    assert not model.config.tie_word_embeddings
+    assert was_tied == name.endswith(("tied", "shaped")) and not name.endswith("untied")  # both paths ran
+
+
+def test_quantlinear_keeps_the_online_rotation():
+    """QuantLinear (no quantizers) wrapping the rotated linears computes the same logits."""
+    model = _model("smollm2_shaped")
+    ref = _logits(model)
+    rotate_model(model, get_mapping(model), online_value=True)
+    for layer in model.model.layers:
+        layer.mlp.down_proj = QuantLinear(layer.mlp.down_proj, None, None)
+        layer.self_attn.o_proj = QuantLinear(layer.self_attn.o_proj, None, None)
+        assert isinstance(layer.mlp.down_proj.input_transform, OnlineHadamard)
+    torch.testing.assert_close(_logits(model), ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.family in ("llama", "qwen3", "gemma3")], ids=lambda c: c.name)
+def test_fuse_norms_is_exact(case):
+    torch.manual_seed(0)
+    model = _randomize(case.build(), seed=1).double()
+    mapping = get_mapping(model)
+    ref = _logits(model)
+    fuse_norms(model, mapping)
+    torch.testing.assert_close(_logits(model), ref, atol=1e-6, rtol=1e-6)
+    identity = 0.0 if mapping.norm_kind == "rms_plus_one" else 1.0
+    norm = model.get_submodule(mapping.blocks)[0].get_submodule(mapping.attn_norm)
+    assert torch.all(norm.weight == identity)
+
+
+# ---- refusals and negative controls --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("case_name", "needle"), [("gemma3", "sandwich norms"), ("gemma3_mm", "sandwich norms"),
+                                                   ("opt", "LayerNorm")])
+def test_refused_families(case_name, needle):
+    case = next(c for c in CASES if c.name == case_name)
+    model = case.build()
+    with pytest.raises(UnsupportedArchitectureError, match=needle):
+        rotate_model(model, get_mapping(model))
+
+
+def test_refuses_bare_model_and_second_rotation():
+    model = _llama()
+    with pytest.raises(UnsupportedArchitectureError, match="bare base model"):
+        rotate_model(model.model, get_mapping(model.model))
+    rotate_model(model, get_mapping(model))
+    with pytest.raises(UnsupportedArchitectureError, match="rotate once, before quantizing"):
+        rotate_model(model, get_mapping(model))
+
+
+def test_rotation_without_fused_norms_is_wrong():
+    """Negative control: rotating the residual while the norms still carry their gains changes logits."""
+    model = _model("llama_gqa_untied")
+    ref = _logits(model)
+    _rotate_fused(model, get_mapping(model), seed=0, online_value=False)
+    assert (_logits(model) - ref).abs().max() > 1e-2
+
+
+def test_online_inputs_break_diagonal_folds_and_are_filtered():
+    """After rotation, a channel scale on up -> down (online Hadamard between) no longer folds; the
+    filtered pairs still fold exactly."""
+    model = _model("qwen2_bias")
+    mapping = get_mapping(model)
+    rotate_model(model, mapping, online_value=True)
+    ref = _logits(model)
+    block = model.get_submodule(mapping.blocks)[0]
+    kept = pairs_without_online_inputs(mapping.smooth_pairs(), block)
+    assert {p.kind for p in kept} == {"norm", "qk"}
+    gen = torch.Generator().manual_seed(4)
+    for pair in mapping.smooth_pairs():
+        scale = torch.rand(pair_channels(pair, mapping, block, model.config), generator=gen,
+                           dtype=torch.float64) * 1.5 + 0.5
+        t = ScaleShift(pair, mapping, model.config, scale).double()
+        t.attach(block)
+        fold_block(block)
+        diff = (_logits(model) - ref).abs().max()
+        if pair in kept:
+            assert diff < 1e-6, pair
+        else:
+            assert diff > 1e-3, pair
+            ref = _logits(model)  # continue from the changed model
+
+
+# ---- the point: outliers are spread --------------------------------------------------------------
+
+
+def _q_input_outlier_ratio(model: nn.Module) -> float:
+    """Mean over tokens of max|x| / median|x| at block 0's q_proj input."""
+    seen: list[torch.Tensor] = []
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+    _logits(model, torch.randint(1, VOCAB, (4, 32), generator=torch.Generator().manual_seed(9)))
+    hook.remove()
+    x = seen[0].abs().reshape(-1, seen[0].shape[-1])
+    return float((x.amax(-1) / x.median(-1).values).mean())
+
+
+def test_rotation_spreads_an_outlier_channel():
+    model = _model("llama_gqa_untied")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 5] *= 50.0
+    ref = _logits(model)
+    before = _q_input_outlier_ratio(model)
+    rotate_model(model, get_mapping(model), seed=0)
+    after = _q_input_outlier_ratio(model)
+    torch.testing.assert_close(_logits(model), ref, atol=1e-6, rtol=1e-6)
+    assert before > 20.0
+    assert after < before / 5.0, (before, after)
