@@ -23,6 +23,7 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/lrquant quantize --method rtn --wbits 4 --group-size 64 --output runs/demo --overwrite
+	$(VENV)/bin/lrquant report runs/demo --output runs/demo/report
 
 test: setup
 	$(PY) -m pytest -q -ra

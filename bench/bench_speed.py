@@ -21,6 +21,7 @@ intermediate 11008, 32 heads) with ``--layers`` decoder layers and a 32000-token
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import platform
 import time
@@ -148,8 +149,9 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
         p.data = p.data.to(dtype)
 
 
-def build(make: Callable[[], nn.Module], fmt: str) -> nn.Module:
-    model = make()
+def build(base: nn.Module, fmt: str) -> nn.Module:
+    """A copy of the float32 ``base`` model in format ``fmt``."""
+    model = copy.deepcopy(base)
     scheme = FORMATS[fmt]
     if fmt == "bf16":
         model.to(torch.bfloat16)
@@ -204,9 +206,10 @@ def bench_model(name: str, make: Callable[[], nn.Module], args, bandwidth: float
     header = ("format", "decode tok/s", "prefill tok/s", "weights MB", "bound tok/s", "% of bound")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
+    base = make()
     for fmt in args.formats:
         try:
-            model = build(make, fmt)
+            model = build(base, fmt)
         except ConfigError as exc:  # e.g. a group size that does not divide the hidden size
             print(f"| {fmt} | n/a: {exc} | | | | |", flush=True)
             continue

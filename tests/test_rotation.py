@@ -24,6 +24,7 @@ from lrquant.transforms.rotation import (
     fuse_norms,
     hadamard_factors,
     hadamard_matrix,
+    hadamard_rotate,
     online_specs,
     pairs_without_online_inputs,
     rotate_model,
@@ -69,6 +70,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     # intermediate 96 = 12 x 8 (Paley 12 x Sylvester 8), 9 heads -> random-orthogonal fallback, tied
     "smollm2_shaped": lambda: _llama(tied=True, hidden=72, inter=96, heads=9, kv=3),
 }
+TIED = {"llama_tied", "qwen3_qknorm_tied", "smollm2_shaped"}
 
 
 def _model(name: str, seed: int = 1) -> nn.Module:
@@ -118,6 +120,13 @@ def test_online_hadamard_equals_dense(size, block):
     assert not m.state_dict()  # non-persistent: checkpoints are unchanged
 
 
+@pytest.mark.parametrize(("size", "seed", "block"), [(64, 3, 1), (72, 5, 1), (96, None, 1), (18, 2, 1), (9, 1, 8)])
+def test_hadamard_rotate_equals_dense(size, seed, block):
+    x = torch.randn(size * block, 7, dtype=torch.float64).T  # [7, n]: a non-contiguous view, as W.T is
+    dense = torch.kron(hadamard_matrix(size, seed), torch.eye(block, dtype=torch.float64))
+    torch.testing.assert_close(hadamard_rotate(x, seed, block=block), x @ dense, atol=1e-12, rtol=0)
+
+
 # ---- exactness -----------------------------------------------------------------------------------
 
 
@@ -147,7 +156,7 @@ def test_rotate_model_is_exact(name, online_value):
         torch.testing.assert_close(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
     assert model.lm_head.weight is not model.get_submodule(mapping.embed_tokens).weight
     assert not model.config.tie_word_embeddings
-    assert was_tied == name.endswith(("tied", "shaped")) and not name.endswith("untied")  # both paths ran
+    assert was_tied == (name in TIED)  # both the tied and the untied path ran
 
 
 def test_quantlinear_keeps_the_online_rotation():

