@@ -114,3 +114,24 @@ def test_learned_methods_beat_rtn_on_real_weights():
                         train=TrainArgs(epochs=2))
         err[method] = api.quantize(model, recipe, calib, progress=False).reports[-1].out_rel_err
     assert err["omniquant"] < err["rtn"] and err["lrquant"] < err["rtn"], err
+
+
+def test_run_exports_and_export_run_reproduces_it(tiny_model_dir, tmp_path, capsys):
+    """--format compressed-tensors at the end of a run, and `lrquant export RUN_DIR` later, both load in
+    plain transformers with the in-memory model's logits."""
+    from lrquant.export import load_compressed
+
+    recipe = Recipe(method="lrquant_plus", scheme=Scheme.from_bits(4, 16, 32), calib=CalibArgs("default", 2, 32),
+                    train=TrainArgs(epochs=1))
+    out = tmp_path / "run"
+    res = api.run(str(tiny_model_dir), recipe, out, progress=False, export_format="compressed-tensors")
+    assert res.results["export"]["size_mb"] > 0
+    ids = torch.randint(0, 1000, (1, 24))
+    with torch.no_grad():
+        ref = res.model(ids).logits
+        direct = load_compressed(out / "compressed").float()(ids).logits
+        assert main(["export", str(out), "--output", str(tmp_path / "later"), "--dtype", "float32"]) == 0
+        later = load_compressed(tmp_path / "later")(ids).logits
+    torch.testing.assert_close(later, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(direct, ref, atol=5e-2, rtol=5e-2)   # fp16 export
+    assert main(["export", str(tmp_path / "nothing")]) == 2

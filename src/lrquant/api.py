@@ -14,7 +14,6 @@ import logging
 import os
 import resource
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import nn
 from .config import Recipe
 from .engine import BlockReport, EngineResult, layer_errors, quantize_blocks
 from .errors import LrquantError
-from .io import atomic_write_json
+from .io import atomic_dir, atomic_save_tensors, atomic_write_json
 from .methods import get_method
 from .models import cache_dir, load_model
 from .tta import TTAConfig
@@ -149,6 +148,59 @@ def _fp_ppl_cached(model_key: str, model: nn.Module, tokenizer: Any, datasets: l
     return out
 
 
+def quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen quantization parameters (``<linear>.weight_scale / .weight_zero_point`` ``[rows, 1]``,
+    static ``<linear>.input_scale / .input_zero_point``) that export needs beside the fake-quant weights."""
+    from .quant.quantizers import quant_linears
+
+    out = {}
+    for name, m in quant_linears(model).items():
+        for kind, q in (("weight", m.weight_quantizer), ("input", m.input_quantizer)):
+            if q is not None and q.scale is not None:
+                out[f"{name}.{kind}_scale"] = q.scale
+                out[f"{name}.{kind}_zero_point"] = q.zero_point
+    return out
+
+
+def restore_quant_state(model: nn.Module, recipe: Recipe, tensors: dict[str, torch.Tensor]) -> None:
+    r"""Wrap ``model``'s mapped linears in frozen :class:`QuantLinear`\ s from :func:`quant_state` output
+    (a run folder's fake-quant ``model/`` plus its ``qparams.safetensors``)."""
+    from .arch.base import get_mapping, set_submodule
+    from .quant.quantizers import QuantLinear
+
+    mapping = get_mapping(model)
+    for i, block in enumerate(model.get_submodule(mapping.blocks)):
+        for path in mapping.linears():
+            name = f"{mapping.blocks}.{i}.{path}"
+            ql = QuantLinear(block.get_submodule(path), recipe.scheme.weights, recipe.scheme.input_activations)
+            for kind, q in (("weight", ql.weight_quantizer), ("input", ql.input_quantizer)):
+                if q is not None and f"{name}.{kind}_scale" in tensors:
+                    q.scale = tensors[f"{name}.{kind}_scale"]
+                    q.zero_point = tensors[f"{name}.{kind}_zero_point"]
+            set_submodule(block, path, ql)
+
+
+def export_run(run_dir: str | Path, output: str | Path | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Export a finished run folder (``model/`` + ``qparams.safetensors``) as compressed-tensors."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .export import export_compressed
+
+    run_dir = Path(run_dir)
+    results_path = run_dir / "results.json"
+    for needed in (results_path, run_dir / "model" / "config.json", run_dir / "qparams.safetensors"):
+        if not needed.is_file():
+            raise LrquantError(f"{run_dir} is not a finished run folder with a saved model: missing {needed.name}")
+    results = json.loads(results_path.read_text())
+    recipe = Recipe.from_dict(results["recipe"])
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32).eval()
+    restore_quant_state(model, recipe, load_file(str(run_dir / "qparams.safetensors")))
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    return export_compressed(model, recipe.scheme, output or run_dir / "compressed", tokenizer, dtype=dtype,
+                             online_ops=results.get("online_ops", []))
+
+
 def _run_tta(q_model: nn.Module, model_name: str, method: Any, tokenizer: Any, datasets: list[str],
              cfg: TTAConfig, seqlen: int, windows: int | None, data_dir: str | None, device: Any,
              progress: bool) -> tuple[dict[str, float], dict[str, Any]]:
@@ -173,25 +225,18 @@ def _run_tta(q_model: nn.Module, model_name: str, method: Any, tokenizer: Any, d
 
 def _save_model(model: nn.Module, tokenizer: Any, target: Path) -> None:
     """Save a fake-quant checkpoint plain transformers loads, atomically (temp folder, then rename)."""
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".model."))
-    try:
-        config = getattr(model, "config", None)
-        impl = getattr(config, "_attn_implementation", None)
-        if config is not None and impl == "lrquant":
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    with atomic_dir(target) as tmp:
+        if impl == "lrquant":  # our attention hook is an in-memory detail: save the standard SDPA
             config._attn_implementation = "sdpa"
         try:
             model.save_pretrained(tmp)
         finally:
-            if config is not None and impl == "lrquant":
+            if impl == "lrquant":
                 config._attn_implementation = impl
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def run(
@@ -211,6 +256,7 @@ def run(
     tta: TTAConfig | None = None,
     tasks: list[str] | None = None,
     limit: int | None = None,
+    export_format: str | None = None,
 ) -> RunResult:
     """Run one quantization job end to end; writes ``results.json`` (also returned) and the model."""
     out = Path(output_dir)
@@ -275,6 +321,17 @@ def run(
             results["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
         if save_model:
             _save_model(model, tokenizer, out / "model")
+            atomic_save_tensors(out / "qparams.safetensors", quant_state(model))
+        if export_format == "compressed-tensors":
+            from .export import export_compressed
+            from .export.compressed import dir_size_bytes
+
+            path = export_compressed(model, recipe.scheme, out / "compressed", tokenizer, dtype=torch.float16,
+                                     online_ops=qr.online_ops)
+            results["export"] = {"format": export_format, "path": str(path),
+                                 "size_mb": round(dir_size_bytes(path) / 2**20, 1)}
+        elif export_format not in (None, "fake"):
+            raise LrquantError(f"unknown --format {export_format!r}; use fake or compressed-tensors")
         atomic_write_json(out / "results.json", results)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
         return RunResult(results, model, tokenizer)

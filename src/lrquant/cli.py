@@ -104,7 +104,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         args.model, recipe, out, eval_datasets=_default_eval(args), eval_seqlen=args.eval_seqlen,
         eval_windows=windows, data_dir=_data_dir(args), device=args.device, resume=args.resume,
         overwrite=args.overwrite, save_model=not args.no_save, progress=not args.quiet, tta=tta,
-        tasks=_tasks(args), limit=args.limit,
+        tasks=_tasks(args), limit=args.limit, export_format=args.format,
     )
     _print_summary(result.results, out)
     if "zeroshot" in result.results:
@@ -135,6 +135,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .eval.zeroshot import format_table, run_zeroshot
 
         print(format_table(run_zeroshot(model, tokenizer, _tasks(args), limit=args.limit)))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .api import export_run
+    from .export.compressed import dir_size_bytes
+
+    path = export_run(args.run_dir, args.output, dtype=torch.float16 if args.dtype == "float16" else None)
+    print(f"compressed-tensors checkpoint: {path} ({dir_size_bytes(path) / 2**20:.1f} MiB of safetensors)")
     return 0
 
 
@@ -202,11 +213,19 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
     q.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
     q.add_argument("--no-save", action="store_true", help="do not write the fake-quant checkpoint")
+    q.add_argument("--format", default="fake", choices=("fake", "compressed-tensors"),
+                   help="also export a real low-bit compressed-tensors checkpoint to <output>/compressed")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="evaluate a model (or a run's model/ folder)")
     _common(e)
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="export a finished run folder as a compressed-tensors checkpoint")
+    x.add_argument("run_dir")
+    x.add_argument("--output", default=None, help="target folder (default <run_dir>/compressed)")
+    x.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="dense tensors and scales")
+    x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("report", help="Markdown/HTML report with plots comparing run folders")
     r.add_argument("run_dirs", nargs="+", help="run folders holding results.json")

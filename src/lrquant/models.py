@@ -11,14 +11,13 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import LrquantError
+from .io import atomic_dir
 
 log = logging.getLogger("lrquant")
 
@@ -64,17 +63,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     model.hf_quantizer = None
     model.is_quantized = False
     model.config.name_or_path = gguf.stem
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def resolve_model_path(name_or_path: str) -> tuple[str, str]:

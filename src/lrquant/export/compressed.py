@@ -24,9 +24,6 @@ Not representable, hence refused or dropped with a warning:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -36,6 +33,7 @@ from torch.nn.utils import parametrize
 
 from ..config import QuantArgs, Scheme
 from ..errors import ConfigError, LrquantError
+from ..io import atomic_dir
 from ..quant.primitives import as_rows
 from ..quant.quantizers import QuantLinear
 
@@ -260,19 +258,6 @@ def export_state_dict(model: nn.Module, scheme: Scheme, dtype: torch.dtype | Non
     return sd, ignore
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out``; an existing ``out`` is swapped out, then removed."""
-    if out.is_file():
-        raise ExportError(f"export target {out} is a file")
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tokenizer=None,
                       dtype: torch.dtype | None = None, online_ops: list[str] | tuple[str, ...] = ()) -> Path:
     """Write ``model`` (frozen QuantLinears) as a compressed-tensors checkpoint in ``out_dir``.
@@ -295,9 +280,9 @@ def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tok
                       stacklevel=2)
     sd, ignore = export_state_dict(model, scheme, dtype, online_ops)
     config = ct_config(scheme, ignore)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    if out.is_file():
+        raise ExportError(f"export target {out} is a file")
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, state_dict=sd)
         ModelCompressor(quantization_config=config).update_config(str(tmp))
         cfg_path = tmp / "config.json"
@@ -316,10 +301,6 @@ def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tok
             "kv_cache_omitted": scheme.kv_cache is not None,
         }
         (tmp / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -35,6 +35,7 @@ with ``online_value``) are no longer diagonal folds: :func:`pairs_without_online
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 
@@ -118,6 +119,12 @@ def hadamard_factors(n: int) -> tuple[torch.Tensor, int, str]:
     """
     if n < 1:
         raise ConfigError(f"rotation size must be positive, got {n}")
+    a, p, desc = _factors(n)
+    return a.clone(), p, desc
+
+
+@functools.lru_cache(maxsize=64)
+def _factors(n: int) -> tuple[torch.Tensor, int, str]:
     p = n & -n
     odd = n // p
     if odd == 1:
