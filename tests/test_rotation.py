@@ -21,6 +21,7 @@ from lrquant.transforms.rotation import (
     OnlineHadamard,
     OnlineRotatedLinear,
     _rotate_fused,
+    attach_online,
     fuse_norms,
     hadamard_factors,
     hadamard_matrix,
@@ -43,10 +44,11 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _llama(tied: bool = False, hidden: int = 64, inter: int = 128, heads: int = 4, kv: int = 2):
+def _llama(tied: bool = False, hidden: int = 64, inter: int = 128, heads: int = 4, kv: int = 2, bias: bool = False):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=heads,
-        num_key_value_heads=kv, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=tied))
+        num_key_value_heads=kv, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=tied,
+        attention_bias=bias, mlp_bias=bias))
 
 
 def _qwen2():
@@ -65,6 +67,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "llama_gqa_untied": lambda: _llama(tied=False),
     "llama_tied": lambda: _llama(tied=True),
     "qwen2_bias": _qwen2,
+    "llama_all_biases": lambda: _llama(bias=True),  # o_proj / down_proj biases: b <- Q^T b
     "qwen3_qknorm_tied": _qwen3,
     # SmolLM2's shape in miniature: hidden 72 = 9 heads x 8 (9 x 8: Paley 36 x 2), 3 kv heads,
     # intermediate 96 = 12 x 8 (Paley 12 x Sylvester 8), 9 heads -> random-orthogonal fallback, tied
@@ -154,8 +157,10 @@ def test_rotate_model_is_exact(name, online_value):
     for layer in model.model.layers:
         assert isinstance(layer.mlp.down_proj, OnlineRotatedLinear)
         torch.testing.assert_close(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
-    assert model.lm_head.weight is not model.get_submodule(mapping.embed_tokens).weight
     assert not model.config.tie_word_embeddings
+    model.tie_weights()  # transformers must not tie the (now different) head and embeddings again
+    assert model.lm_head.weight is not model.get_submodule(mapping.embed_tokens).weight
+    torch.testing.assert_close(_logits(model), ref, atol=1e-6, rtol=1e-6)
     assert was_tied == (name in TIED)  # both the tied and the untied path ran
 
 
@@ -169,6 +174,21 @@ def test_quantlinear_keeps_the_online_rotation():
         layer.self_attn.o_proj = QuantLinear(layer.self_attn.o_proj, None, None)
         assert isinstance(layer.mlp.down_proj.input_transform, OnlineHadamard)
     torch.testing.assert_close(_logits(model), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_saved_rotated_model_reloads_with_its_online_ops(tmp_path):
+    """save_pretrained keeps the rotated weights (and the untied head) but not the online ops:
+    attach_online puts them back from online_specs."""
+    model = _model("smollm2_shaped")
+    ref = _logits(model)
+    rotate_model(model, get_mapping(model), online_value=True)
+    specs = online_specs(model)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert (_logits(loaded) - ref).abs().max() > 1e-2  # without the online ops: wrong
+    attach_online(loaded, specs)
+    torch.testing.assert_close(_logits(loaded), ref, atol=1e-6, rtol=1e-6)
+    assert online_specs(loaded) == specs
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.family in ("llama", "qwen3", "gemma3")], ids=lambda c: c.name)
@@ -262,3 +282,24 @@ def test_rotation_spreads_an_outlier_channel():
     torch.testing.assert_close(_logits(model), ref, atol=1e-6, rtol=1e-6)
     assert before > 20.0
     assert after < before / 5.0, (before, after)
+
+
+def test_rotate_composes_with_methods_and_is_reported():
+    """--rotate hadamard through the API: exact in FP, composes with a learned method, online ops listed."""
+    import copy
+
+    from conftest import tiny_llama
+
+    from lrquant import api
+    from lrquant.config import CalibArgs, Recipe, Scheme, TrainArgs
+    from lrquant.errors import ConfigError
+
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    model = tiny_llama()
+    res = api.quantize(copy.deepcopy(model), Recipe(method="lrquant", scheme=Scheme.from_bits(4, 4),
+                       calib=CalibArgs(nsamples=4, seqlen=16), train=TrainArgs(epochs=1),
+                       options={"rotate": "hadamard"}), calib, progress=False)
+    assert any(op.endswith("mlp.down_proj.input_transform") for op in res.online_ops)
+    assert torch.isfinite(res.model(calib).logits).all()
+    with pytest.raises(ConfigError, match="unknown rotation"):
+        api.quantize(copy.deepcopy(model), Recipe(options={"rotate": "givens"}), calib, progress=False)

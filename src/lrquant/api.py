@@ -69,6 +69,27 @@ def validate_scheme(model: nn.Module, recipe: Recipe) -> None:
             raise ConfigError(f"group_size {w.group_size} does not divide the input dimension {dim} of {path}")
 
 
+ROTATIONS = ("hadamard",)
+
+
+def rotate(model: nn.Module, recipe: Recipe) -> list[str]:
+    """The rotation pre-step (``options.rotate``: ``hadamard``; ``rotate_seed``, ``rotate_value``), exact in
+    full precision, before any block is quantized. Returns the online ops it added. Deterministic, so a
+    resumed run rotates the same way before its blocks are restored."""
+    kind = recipe.options.get("rotate")
+    if kind in (None, "none"):
+        return []
+    if kind not in ROTATIONS:
+        from .errors import ConfigError
+
+        raise ConfigError(f"unknown rotation {kind!r}; known: {', '.join(ROTATIONS)}")
+    from .arch.base import get_mapping
+    from .transforms.rotation import rotate_model
+
+    return rotate_model(model, get_mapping(model), seed=int(recipe.options.get("rotate_seed", 0)),
+                        online_value=bool(recipe.options.get("rotate_value", False)))
+
+
 def quantize(
     model: nn.Module,
     recipe: Recipe,
@@ -93,12 +114,14 @@ def quantize(
         if tokenizer is None:
             raise LrquantError("quantize() needs calibration data or a tokenizer to draw it")
         calib = calibration_data(recipe, tokenizer, data_dir)
+    rotation_ops = rotate(model, recipe)
     result: EngineResult = quantize_blocks(
         model, method, recipe, calib, device=device,
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None, resume=resume,
         model_name=model_name, progress=progress,
     )
-    return QuantizeResult(model, result.reports, result.seconds, list(getattr(method, "online_ops", [])), method)
+    online = rotation_ops + list(getattr(method, "online_ops", []))
+    return QuantizeResult(model, result.reports, result.seconds, online, method)
 
 
 # ---- the full job -------------------------------------------------------------------------------------
@@ -304,6 +327,12 @@ def run(
         results["blocks"] = [asdict(r) for r in qr.reports]
         results["layer_errors"] = layer_errors(model)
         results["online_ops"] = qr.online_ops
+        if recipe.options.get("rotate") not in (None, "none"):
+            from .transforms.rotation import online_specs
+
+            results["rotation"] = {"method": recipe.options["rotate"], "seed": recipe.options.get("rotate_seed", 0),
+                                   "online_value": bool(recipe.options.get("rotate_value", False)),
+                                   "online": online_specs(model)}
         if eval_datasets:
             q = evaluate_ppl(model, tokenizer, eval_datasets, eval_seqlen, eval_windows, data_dir, device, progress)
             results["ppl"] = {k: v["ppl"] for k, v in q.items()}

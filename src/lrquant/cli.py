@@ -66,6 +66,8 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         batch_size=args.batch_size or t.batch_size, lr=lr, weight_decay=t.weight_decay,
         seed=args.seed if args.seed is not None else t.seed,
     )
+    if args.rotate is not None:
+        recipe.options["rotate"] = args.rotate
     for item in args.option or []:
         key, _, value = item.partition("=")
         import yaml
@@ -191,6 +193,9 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--w-sym", action="store_true", help="symmetric weights (default asymmetric)")
     q.add_argument("--kv-bits", type=int, default=None,
                    help="Q/K/V bits (default: the activation bits in W-A settings; 16 = off)")
+    q.add_argument("--rotate", default=None, choices=("hadamard", "none"),
+                   help="rotation pre-step before any method (randomized Hadamard on the residual stream, online "
+                        "Hadamard on the down-proj input)")
     q.add_argument("--calib", default=None, help="calibration corpus (default, wikitext2, ptb, c4 or a file)")
     q.add_argument("--nsamples", type=int, default=None)
     q.add_argument("--seqlen", type=int, default=None)

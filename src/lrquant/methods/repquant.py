@@ -8,48 +8,53 @@ Per block:
    learnable lower and upper clipping factor per channel initialised from the per-channel min/max of the
    quantized stream. Attention probabilities are quantized with log√2
    (:class:`~lrquant.quant.log.LogSqrt2Quantizer`, the scheme's activation bit-width or option
-   ``softmax_bits``). The clip logits (param group ``clip``) are trained against the FP block output with
-   the shared loop while the weights stay in full precision; the other activations (o, down inputs) and
-   Q/K/V use the scheme's quantizers throughout.
+   ``softmax_bits``). The other activations (o, down inputs) and Q/K/V use the scheme's quantizers. The
+   clip logits (param group ``clip``) and the weight clipping of every linear (``lwc``) are trained
+   against the FP block output with the shared loop. Each norm-fed linear sees, while training, the
+   weights the reparameterization will give it, in per-channel coordinates (:func:`calibration_view`):
+   ``Q(W diag(r)) diag(1/r)`` and bias ``b + (Q(W') - W') o``, so the loss is the inference loss.
 2. **Reparameterize exactly.** Each per-channel quantizer becomes a per-tensor static one; the scale
-   ratios go into the norm weight and the next linears' columns, the zero-point offsets into the norm bias
-   and the next linears' biases (:mod:`lrquant.quant.dualclip`). The block computes the same thing.
-   RMSNorm has no bias, so on RMSNorm models the quantizer runs with one shared integer zero point per
-   tensor from the start and only the scale ratios are folded (exact too); the same happens when a next
-   linear has no bias. We never add a bias the architecture lacks.
-3. **Quantize the changed weights.** The weights, now ``W diag(r)``, are quantized with learnable weight
-   clipping (param group ``lwc``) trained with the shared loop against the same targets (activations in
-   their final per-tensor form, softmax in log√2 with the straight-through estimator), then frozen.
+   ratios ``r`` go into the norm weight and the next linears' columns, the zero-point offsets ``o`` into
+   the norm bias and the next linears' biases (:mod:`lrquant.quant.dualclip`). RMSNorm has no bias, so on
+   RMSNorm models the quantizer runs with one shared integer zero point per tensor from the start and
+   only ``r`` is folded (exact too); the same when a next linear has no bias. No bias is ever added.
+3. **Quantize the changed weights.** ``W' = W diag(r)`` is frozen on its grid with the learned clipping.
 4. **Integer-friendly softmax.** The log√2 quantizer is swapped for its log2 shift form
    (:class:`Log2ShiftQuantizer`: ``2^(-floor(c/2))`` with a ``1/√2`` correction on odd codes), which gives
    bit-identical values.
 
-Block report: ``init_loss`` is the loss before calibration (clip init, FP weights), ``final_loss`` the
-loss of the finished block before freezing (per-tensor activations, quantized weights); ``losses`` holds
-the epochs of both phases; a note records each phase and the largest output change caused by the
-reparameterization on the first calibration sample. Options: ``softmax_bits`` (default: activation bits;
-16 leaves the softmax in full precision), ``loss``, ``q_target``, ``amp`` as every learned method.
-Limitations: no test-time adaptation (the block changes structure), and the per-tensor static inputs of
-the norm-fed linears differ from the scheme's activation format, so a compressed-tensors export is only
-possible when the scheme's activations are themselves static per-tensor asymmetric.
+Block report: ``init_loss`` / ``final_loss`` of the training; notes record the largest change of the
+first sample's block output caused by the reparameterization (float rounding only). Options:
+``softmax_bits`` (default: activation bits; 16 leaves the softmax in full precision), ``loss``,
+``q_target``, ``amp`` as every learned method. Weight-only schemes: no activation or softmax quantizers,
+RepQuant reduces to learnable weight clipping. Limitations: no test-time adaptation (the block changes
+structure). A compressed-tensors checkpoint cannot hold the softmax quantizer, nor per-tensor static
+inputs when the scheme's activations are something else (the default per-token dynamic ones): both are
+declared in ``online_ops`` (so export refuses) unless ``softmax_bits`` is 16 and the scheme's activations
+are static per-tensor asymmetric. The fake-quant checkpoint ``save_pretrained`` writes holds the folded
+norms and the quantized folded weights but, as for the KV quantizers, no activation or softmax quantizer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..arch.base import ArchMapping, SmoothPair
 from ..errors import ConfigError
 from ..quant.attention import AttentionQuantizer, enable_attention_quantization
 from ..quant.dualclip import ChannelDualClipQuantizer, fold_linear, fold_norm
 from ..quant.log import LogSqrt2Quantizer, reparam_dequant
+from ..quant.primitives import fake_quant
 from ..quant.quantizers import QuantLinear, UniformQuantizer, quant_linears, quantization_disabled
+from ..transforms.base import add_param, original
 from . import register_method
 from .learned import LR_BACKOFF, LR_RETRIES, LearnedMethod
 
@@ -110,6 +115,53 @@ def weights_in_full_precision(block: nn.Module) -> Iterator[None]:
             q.enabled = True
 
 
+def quantized_weight(quantizer: UniformQuantizer, w: torch.Tensor) -> torch.Tensor:
+    """``w [out, in]`` fake-quantized on ``quantizer``'s grid with its current clipping, whether or not the
+    quantizer is enabled (differentiable in ``w`` and the clipping factors)."""
+    rows = quantizer.rows(w)
+    scale, zp = quantizer.qparams(rows)
+    return fake_quant(rows, scale, zp, quantizer.qmin, quantizer.qmax).reshape(w.shape)
+
+
+@contextlib.contextmanager
+def calibration_view(block: nn.Module, mapping: ArchMapping) -> Iterator[None]:
+    """While calibrating, show every norm-fed linear its post-reparameterization weights in per-channel
+    coordinates: weight ``Q(W diag(r)) diag(1/r)``, bias ``b + (Q(W') - W') o`` (``r, o`` from the
+    current clips, ``Q`` its own weight quantizer, which is bypassed meanwhile). With this view the
+    per-channel block computes exactly what the reparameterized block will."""
+    touched: list[tuple[nn.Module, UniformQuantizer]] = []
+    for pair in norm_pairs(mapping):
+        for path in pair.nexts:
+            lin = block.get_submodule(path)
+            q, wq = lin.input_quantizer, lin.weight_quantizer
+            if not isinstance(q, ChannelDualClipQuantizer) or q.mode != "learn" or wq is None:
+                continue
+
+            def weight(w: torch.Tensor, q=q, wq=wq) -> torch.Tensor:
+                r = q.reparam_terms()[0][None, :]
+                w_new = (w.double() * r).to(w.dtype)  # W' exactly as the fold will write it
+                return (quantized_weight(wq, w_new).double() / r).to(w.dtype)
+
+            add_param(lin, "weight", weight)
+            if lin.bias is not None and not q.shared_zero_point:
+                def bias(b: torch.Tensor, q=q, wq=wq, lin=lin) -> torch.Tensor:
+                    r, o = q.reparam_terms()
+                    w_new = (original(lin, "weight").double() * r[None, :]).to(b.dtype)
+                    return (b.double() + (quantized_weight(wq, w_new) - w_new).double() @ o).to(b.dtype)
+
+                add_param(lin, "bias", bias)
+            wq.enabled = False
+            touched.append((lin, wq))
+    try:
+        yield
+    finally:
+        for lin, wq in touched:
+            for name in ("weight", "bias"):
+                if parametrize.is_parametrized(lin, name):
+                    parametrize.remove_parametrizations(lin, name, leave_parametrized=False)
+            wq.enabled = True
+
+
 def norm_pairs(mapping: ArchMapping) -> tuple[SmoothPair, ...]:
     """``norm -> linears`` pairs of a block (attention norm -> q/k/v, MLP norm -> MLP input linears)."""
     return tuple(p for p in mapping.smooth_pairs() if p.kind == "norm")
@@ -128,7 +180,7 @@ class RepQuant(LearnedMethod):
     """RepQuant: per-channel dual-clip activation quantization and log√2 softmax while calibrating,
     reparameterized exactly to per-tensor / log2-shift inference (see module docstring)."""
 
-    default_lr: dict[str, float] = {**LearnedMethod.default_lr, "clip": 5e-2}
+    default_lr: dict[str, float] = {**LearnedMethod.default_lr, "clip": 1e-1}
 
     def __init__(self, recipe) -> None:
         super().__init__(recipe)
@@ -162,13 +214,28 @@ class RepQuant(LearnedMethod):
 
     def restore_block(self, ctx: BlockContext) -> None:
         """The checkpoint holds the finished block: per-tensor quantizers (their mode follows from the loaded
-        ``scale``) and frozen weights; only the softmax quantizer's form is not a tensor."""
+        ``scale``) and frozen weights; what is not a tensor: the quantizers' sharing, the softmax form."""
+        self.unshare_inputs(ctx)
         self.to_shift_form(ctx.block)
+        self.declare_online(ctx)
+
+    def declare_online(self, ctx: BlockContext) -> None:
+        """Record what a compressed-tensors checkpoint of this scheme cannot express (export refuses it):
+        the softmax quantizer, and per-tensor static inputs where the scheme's activations differ."""
+        if self.softmax_bits is not None:
+            self.online_ops.append(f"{ctx.name}.{ctx.mapping.attention}: {self.softmax_bits}-bit log2-shift "
+                                   "softmax quantizer")
+        acts = self.scheme.input_activations
+        for pair in norm_pairs(ctx.mapping):
+            q = ctx.block.get_submodule(pair.nexts[0]).input_quantizer
+            if isinstance(q, ChannelDualClipQuantizer) and q.args != acts:
+                self.online_ops.append(f"{ctx.name}.{pair.prev} -> {', '.join(pair.nexts)}: static per-tensor "
+                                       f"inputs {q.args.describe()} (scheme: {acts.describe()})")
 
     # ---- steps -------------------------------------------------------------------------------------
     @staticmethod
     def clip_quantizers(block: nn.Module) -> list[ChannelDualClipQuantizer]:
-        """The shared dual-clip quantizers of ``block``, each once (one per norm pair)."""
+        """The dual-clip quantizers of ``block``, each once (while calibrating: one per norm pair)."""
         out: list[ChannelDualClipQuantizer] = []
         for m in block.modules():  # named_modules de-duplicates shared modules
             if isinstance(m, ChannelDualClipQuantizer) and not any(m is o for o in out):
@@ -229,6 +296,20 @@ class RepQuant(LearnedMethod):
                 lin.weight.copy_(w.to(lin.weight.dtype))
                 if b is not None:
                     lin.bias.copy_(b.to(lin.bias.dtype))
+        self.unshare_inputs(ctx)
+
+    @staticmethod
+    def unshare_inputs(ctx: BlockContext) -> None:
+        """Give each norm-fed linear its own copy of the (now static, per-tensor) input quantizer, so every
+        linear owns its ``input_scale`` tensor (safetensors refuses tensors shared between names)."""
+        for pair in norm_pairs(ctx.mapping):
+            first = ctx.block.get_submodule(pair.nexts[0]).input_quantizer
+            if not isinstance(first, ChannelDualClipQuantizer) or first.mode != "static":
+                continue
+            for path in pair.nexts[1:]:
+                lin = ctx.block.get_submodule(path)
+                if lin.input_quantizer is first:
+                    lin.input_quantizer = copy.deepcopy(first)
 
     @staticmethod
     def to_shift_form(block: nn.Module) -> None:
@@ -242,9 +323,9 @@ class RepQuant(LearnedMethod):
         with full_precision(ctx.block):
             return super().targets(ctx)
 
-    def fit(self, ctx: BlockContext, targets, groups: list[dict[str, Any]], label: str) -> tuple[float, float]:
+    def fit(self, ctx: BlockContext, targets, groups: list[dict[str, Any]]) -> tuple[float, float]:
         """Train ``groups`` with the shared loop (rollback and lr back-off on non-finite losses, never end
-        worse than the start); returns ``(initial loss, final loss)`` and notes the phase in the report."""
+        worse than the start); returns ``(initial loss, final loss)``."""
         params = [p for g in groups for p in g["params"]]
         init = self.eval_loss(ctx, targets)
         if not params:
@@ -260,7 +341,7 @@ class RepQuant(LearnedMethod):
                 for p, p0 in zip(params, initial, strict=True):
                     p.copy_(p0)
             scale_lr *= LR_BACKOFF
-            msg = f"{label}: non-finite loss in block {ctx.index}; rolled back"
+            msg = f"non-finite loss in block {ctx.index}; rolled back"
             msg += f", retrying with lr x{scale_lr:g}" if attempt < LR_RETRIES else " to its initialisation"
             log.warning(msg)
             ctx.report.notes.append(msg)
@@ -269,47 +350,43 @@ class RepQuant(LearnedMethod):
             with torch.no_grad():
                 for p, p0 in zip(params, initial, strict=True):
                     p.copy_(p0)
-            ctx.report.notes.append(f"{label}: training raised the loss ({final:.4g} > {init:.4g}); kept the init")
+            ctx.report.notes.append(f"training raised the loss ({final:.4g} > {init:.4g}); kept the initialisation")
             final = init
         for p in params:
             p.requires_grad_(False)
-        ctx.report.notes.append(f"{label}: loss {init:.4g} -> {final:.4g}")
         return init, final
-
-    @torch.no_grad()
-    def reparam_change(self, ctx: BlockContext, before: torch.Tensor) -> float:
-        """Largest absolute change of the first sample's block output caused by the reparameterization."""
-        with weights_in_full_precision(ctx.block):
-            after = ctx.forward(ctx.q_in[:1])
-        return float((after - before).abs().max())
 
     def quantize_block(self, ctx: BlockContext) -> None:
         targets = self.targets(ctx)
         for p in ctx.block.parameters():
             p.requires_grad_(False)
         quantizers = self.clip_quantizers(ctx.block)
-        # phase 1: dual clips (and log√2 softmax), weights in full precision
         if quantizers:
             self.init_clips(ctx)
-            clip = [p for q in quantizers for p in (q.clip_lower, q.clip_upper)]
-            with weights_in_full_precision(ctx.block):
-                ctx.report.init_loss, _ = self.fit(ctx, targets, [{"params": clip, "lr": self.lr["clip"],
-                                                                   "name": "clip"}], "clip phase")
-                with torch.no_grad():
-                    before = ctx.forward(ctx.q_in[:1])
-            self.reparameterize(ctx)
-            change = self.reparam_change(ctx, before)
-            ctx.report.notes.append(f"reparameterization: max |output change| {change:.3g}")
-        # phase 2: weights quantized after the reparameterization changed them
+        groups = []
+        clip = [p for q in quantizers for p in (q.clip_lower, q.clip_upper)]
+        if clip:
+            groups.append({"params": clip, "lr": self.lr["clip"], "name": "clip"})
         lwc = [p for m in ctx.block.modules() if isinstance(m, UniformQuantizer) and m.lwc
                for p in (m.upbound_factor, m.lowbound_factor)]
-        groups = [{"params": lwc, "lr": self.lr["lwc"], "name": "lwc"}] if lwc else []
-        init, ctx.report.final_loss = self.fit(ctx, targets, groups, "weight phase")
-        if ctx.report.init_loss is None:
-            ctx.report.init_loss = init
+        if lwc:
+            groups.append({"params": lwc, "lr": self.lr["lwc"], "name": "lwc"})
+        with calibration_view(ctx.block, ctx.mapping):
+            ctx.report.init_loss, ctx.report.final_loss = self.fit(ctx, targets, groups)
+            with torch.no_grad():
+                before = ctx.forward(ctx.q_in[:1])
+        if quantizers:
+            self.reparameterize(ctx)
+            with torch.no_grad():
+                change = float((ctx.forward(ctx.q_in[:1]) - before).abs().max())
+            ctx.report.notes.append(f"reparameterization: max |output change| {change:.3g}")
         self.freeze_weights(ctx.block)
         self.to_shift_form(ctx.block)
         self.calibrate_static(ctx)
+        self.declare_online(ctx)
 
 
-__all__ = ["Log2ShiftQuantizer", "RepQuant", "full_precision", "norm_pairs", "per_channel_offsets_possible"]
+__all__ = [
+    "Log2ShiftQuantizer", "RepQuant", "calibration_view", "full_precision", "norm_pairs",
+    "per_channel_offsets_possible", "quantized_weight", "weights_in_full_precision",
+]

@@ -8,6 +8,7 @@ import torch
 
 from ..arch.base import SmoothPair
 from ..transforms import HeadAffine, ScaleShift, Transform
+from ..transforms.rotation import pairs_without_online_inputs
 from ..transforms.scale_shift import pair_channels, shift_possible
 from . import register_method
 from .base import Method
@@ -66,7 +67,8 @@ class OmniQuant(LearnedMethod):
         kinds = set(self.options.get("pairs", ("norm", "heads", "qk", "linear")))
         if self.scheme.kv_cache is None:
             kinds.discard("qk")  # q <-> k only matters when Q/K are quantized
-        return tuple(p for p in ctx.mapping.smooth_pairs() if p.kind in kinds)
+        # after a rotation pre-step, a scale cannot fold into a linear whose input is rotated online
+        return pairs_without_online_inputs((p for p in ctx.mapping.smooth_pairs() if p.kind in kinds), ctx.block)
 
     def init_scales(self, ctx: BlockContext, pair: SmoothPair, stats: dict, use_shift: bool):
         return init_scale_shift(ctx, pair, stats, float(self.options.get("alpha", 0.5)), use_shift)

@@ -167,6 +167,19 @@ class ChannelDualClipQuantizer(UniformQuantizer):
             return scale, torch.full_like(scale, float(self.fixed_zero_point))
         return qparams_from_range(lo, hi, 0, self.qmax, symmetric=False)
 
+    def _per_tensor(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``scale, zero_point [C]`` and the per-tensor ``s, z`` in float64 (differentiable); ``s`` is rounded
+        to float32, the dtype the inference quantizer stores it in, so folds use exactly that value."""
+        scale, zp = (t.double() for t in self.channel_qparams())
+        s, z = per_tensor_qparams(scale, zp, self.qmax)
+        return scale, zp, s.float().double(), z
+
+    def reparam_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``r, offset: [C]`` (float64) the reparameterization would fold now, differentiable in the clips:
+        lets a calibration loop see the weights it will produce, ``W diag(r)``."""
+        scale, zp, s, z = self._per_tensor()
+        return reparam_factors(scale, zp, s, z)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or self.mode == "static":
             return super().forward(x)
@@ -177,12 +190,10 @@ class ChannelDualClipQuantizer(UniformQuantizer):
 
     @torch.no_grad()
     def to_per_tensor(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Switch to the per-tensor inference form; returns ``r, offset: [C]`` (float64) to fold into the
-        producing norm and the consuming linears (:func:`fold_norm`, :func:`fold_linear`)."""
-        scale, zp = (t.detach().double() for t in self.channel_qparams())
-        zp = zp.round()
-        s, z = per_tensor_qparams(scale, zp, self.qmax)
-        s = s.float().double()  # the stored scale is float32: fold with exactly that value
+        """Switch to the per-tensor inference form; returns ``r, offset: [C]`` (float64, the same values as
+        :meth:`reparam_terms`) to fold into the producing norm and the consuming linears
+        (:func:`fold_norm`, :func:`fold_linear`)."""
+        scale, zp, s, z = self._per_tensor()
         r, offset = reparam_factors(scale, zp, s, z)
         self.scale = s.float().reshape(1, 1)
         self.zero_point = z.float().reshape(1, 1)
@@ -192,6 +203,8 @@ class ChannelDualClipQuantizer(UniformQuantizer):
         return r, offset
 
     def extra_repr(self) -> str:
+        if self.mode == "static":
+            return f"{self.args.describe()}, mode=static (reparameterized from per-channel)"
         return (f"{self.args.num_bits}b-channel-asym, channels={self.channels}, "
                 f"shared_zero_point={self.shared_zero_point}, mode={self.mode}")
 

@@ -424,6 +424,21 @@ def online_specs(model: nn.Module) -> dict[str, dict[str, int | str]]:
     return {name: m.spec() for name, m in model.named_modules() if isinstance(m, OnlineHadamard)}
 
 
+def attach_online(model: nn.Module, specs: dict[str, dict[str, int | str]]) -> None:
+    """Re-create the online rotations :func:`online_specs` listed, e.g. on a rotated checkpoint reloaded
+    with ``from_pretrained``: its weights are rotated but the ops (non-persistent) are not in it."""
+    for path, spec in specs.items():
+        linear_path = path.removesuffix(".input_transform")
+        linear = model.get_submodule(linear_path)
+        if not isinstance(linear, nn.Linear) or getattr(linear, "input_transform", None) is not None:
+            raise ConfigError(f"{linear_path}: expected a plain linear without an online op to attach to")
+        w = linear.weight
+        op = OnlineHadamard(int(spec["size"]), int(spec["block"]), dtype=w.dtype).to(w.device)
+        if op.construction != spec["construction"]:
+            raise ConfigError(f"{path}: cannot rebuild {spec['construction']!r} (builds {op.construction!r})")
+        set_submodule(model, linear_path, OnlineRotatedLinear(linear, op))
+
+
 def pairs_without_online_inputs(pairs: Iterable[SmoothPair], block: nn.Module) -> tuple[SmoothPair, ...]:
     """The pairs a diagonal transform can still fold into after rotation: those whose consumers have no
     online ``input_transform`` (a per-channel scale does not commute with the online rotation)."""
