@@ -284,6 +284,35 @@ def test_eager_softmax_path_matches_sdpa(name):
     assert (run() - ref).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("mask", ["causal", "bool", "float", "none_encoder"])
+def test_eager_quantized_attention_function_matches_sdpa(mask):
+    """GQA (4 query heads on 2 kv heads), more keys than queries, every mask kind transformers passes."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from lrquant.quant.attention import eager_quantized_attention
+
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 4, 5, 8, generator=gen)
+    k, v = torch.randn(2, 2, 7, 8, generator=gen), torch.randn(2, 2, 7, 8, generator=gen)
+    module = nn.Module().eval()
+    module.is_causal = mask != "none_encoder"
+    module.num_key_value_groups = 2
+    attention_mask = None
+    if mask == "bool":
+        attention_mask = torch.rand(2, 1, 5, 7, generator=gen) > 0.3
+        attention_mask[..., 0] = True  # no fully masked row
+    elif mask == "float":
+        attention_mask = torch.randn(2, 1, 5, 7, generator=gen)
+        attention_mask[:, :, :, 4:] = torch.finfo(torch.float32).min
+    ref, _ = sdpa_attention_forward(module, q, k, v, attention_mask, scaling=0.3)
+    out, probs = eager_quantized_attention(module, q, k, v, attention_mask, nn.Identity(), scaling=0.3)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    assert probs.shape == (2, 4, 5, 7)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 5))
+    if mask == "causal":
+        assert (probs.triu(1) == 0).all()
+
+
 # ---- block-level reparameterization -------------------------------------------------------------------
 @pytest.mark.parametrize("weights", ["fp", "quantized"])
 @pytest.mark.parametrize("name", ["opt", "llama", "vit"])
