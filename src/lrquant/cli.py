@@ -249,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()
+        except ImportError:
+            pass
         for handler in logging.getLogger().handlers:  # console only; the run's log file keeps INFO
             handler.setLevel(logging.WARNING)
     try:

@@ -151,6 +151,49 @@ class LearnedMethod(Method):
             n += len(idx)
         return total / max(n, 1)
 
+    def fit(self, ctx: BlockContext, targets, groups: list[dict[str, Any]],
+            transforms: list[Transform] | tuple = ()) -> tuple[float, float]:
+        """Train ``groups`` against ``targets``: rollback and lr back-off on non-finite losses, never end
+        worse than the start (warm start from ``self.warm_start`` when set). Returns (initial, final) loss."""
+        params = [p for g in groups for p in g["params"]]
+        for p in params:
+            p.requires_grad_(True)
+        if self.warm_start is not None:
+            with torch.no_grad():
+                for p, w in zip(params, self.warm_start, strict=True):
+                    p.copy_(w)
+        initial = [p.detach().clone() for p in params]
+        init = self.eval_loss(ctx, targets)
+        if not params:
+            return init, init
+        scale_lr = 1.0
+        for attempt in range(LR_RETRIES + 1):
+            if self._train(ctx, transforms, groups, params, targets, ctx.recipe.train.epochs, scale_lr):
+                break
+            self._restore(params, initial, transforms)
+            scale_lr *= LR_BACKOFF
+            msg = f"non-finite loss in block {ctx.index}; rolled back"
+            msg += f", retrying with lr x{scale_lr:g}" if attempt < LR_RETRIES else " to its initialisation"
+            log.warning(msg)
+            ctx.report.notes.append(msg)
+        final = self.eval_loss(ctx, targets)
+        if not final <= init:
+            self._restore(params, initial, transforms)
+            ctx.report.notes.append(f"training raised the loss ({final:.4g} > {init:.4g}); kept the initialisation")
+            final = init
+        for p in params:
+            p.requires_grad_(False)
+        return init, final
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore(params, initial, transforms) -> None:
+        for p, p0 in zip(params, initial, strict=True):
+            p.copy_(p0)
+        for t in transforms:
+            if hasattr(t, "set_epoch"):
+                t.set_epoch(0, 1)
+
     def quantize_block(self, ctx: BlockContext) -> None:
         n_blocks = len(ctx.block_list) if ctx.block_list is not None else 0
         keep_for_tta = self.tta_blocks > 0 and ctx.index >= n_blocks - self.tta_blocks
@@ -164,51 +207,9 @@ class LearnedMethod(Method):
         for p in ctx.block.parameters():
             p.requires_grad_(False)
         groups = self.trainable(ctx, transforms)
-        params = [p for g in groups for p in g["params"]]
-        for p in params:
-            p.requires_grad_(True)
-        if self.warm_start is not None:
-            with torch.no_grad():
-                for p, w in zip(params, self.warm_start, strict=True):
-                    p.copy_(w)
-        initial = [p.detach().clone() for p in params]
-        ctx.report.init_loss = self.eval_loss(ctx, targets)
-
-        epochs = ctx.recipe.train.epochs
-        scale_lr = 1.0
-        for attempt in range(LR_RETRIES + 1):
-            ok = self._train(ctx, transforms, groups, params, targets, epochs, scale_lr)
-            if ok:
-                break
-            with torch.no_grad():
-                for p, p0 in zip(params, initial, strict=True):
-                    p.copy_(p0)
-            scale_lr *= LR_BACKOFF
-            msg = f"non-finite loss in block {ctx.index}; rolled back"
-            if attempt < LR_RETRIES:
-                msg += f", retrying with lr x{scale_lr:g}"
-            else:
-                msg += " to its initialisation"
-            log.warning(msg)
-            ctx.report.notes.append(msg)
-
-        final = self.eval_loss(ctx, targets) if params else ctx.report.init_loss
-        if not (final <= ctx.report.init_loss) and params:
-            # never end worse than the initialisation
-            with torch.no_grad():
-                for p, p0 in zip(params, initial, strict=True):
-                    p.copy_(p0)
-            for t in transforms:
-                if hasattr(t, "set_epoch"):
-                    t.set_epoch(0, 1)
-            ctx.report.notes.append(f"training raised the loss ({final:.4g} > {ctx.report.init_loss:.4g}); "
-                                    "kept the initialisation")
-            final = ctx.report.init_loss
-        ctx.report.final_loss = final
-        for p in params:
-            p.requires_grad_(False)
+        ctx.report.init_loss, ctx.report.final_loss = self.fit(ctx, targets, groups, transforms)
         if keep_for_tta:
-            self.tta_state[ctx.index]["params"] = [p.detach().cpu().clone() for p in params]
+            self.tta_state[ctx.index]["params"] = [p.detach().cpu().clone() for g in groups for p in g["params"]]
         self.online_ops.extend(f"{ctx.name}.{op}" for op in online_ops(transforms))
         fold_block(ctx.block)
         self.freeze_weights(ctx.block)

@@ -56,7 +56,7 @@ from ..quant.primitives import fake_quant
 from ..quant.quantizers import QuantLinear, UniformQuantizer, quant_linears, quantization_disabled
 from ..transforms.base import add_param, original
 from . import register_method
-from .learned import LR_BACKOFF, LR_RETRIES, LearnedMethod
+from .learned import LearnedMethod
 
 if TYPE_CHECKING:
     from ..engine import BlockContext
@@ -322,39 +322,6 @@ class RepQuant(LearnedMethod):
     def targets(self, ctx: BlockContext) -> list[tuple[torch.Tensor, float]]:
         with full_precision(ctx.block):
             return super().targets(ctx)
-
-    def fit(self, ctx: BlockContext, targets, groups: list[dict[str, Any]]) -> tuple[float, float]:
-        """Train ``groups`` with the shared loop (rollback and lr back-off on non-finite losses, never end
-        worse than the start); returns ``(initial loss, final loss)``."""
-        params = [p for g in groups for p in g["params"]]
-        init = self.eval_loss(ctx, targets)
-        if not params:
-            return init, init
-        for p in params:
-            p.requires_grad_(True)
-        initial = [p.detach().clone() for p in params]
-        scale_lr = 1.0
-        for attempt in range(LR_RETRIES + 1):
-            if self._train(ctx, [], groups, params, targets, ctx.recipe.train.epochs, scale_lr):
-                break
-            with torch.no_grad():
-                for p, p0 in zip(params, initial, strict=True):
-                    p.copy_(p0)
-            scale_lr *= LR_BACKOFF
-            msg = f"non-finite loss in block {ctx.index}; rolled back"
-            msg += f", retrying with lr x{scale_lr:g}" if attempt < LR_RETRIES else " to its initialisation"
-            log.warning(msg)
-            ctx.report.notes.append(msg)
-        final = self.eval_loss(ctx, targets)
-        if not final <= init:
-            with torch.no_grad():
-                for p, p0 in zip(params, initial, strict=True):
-                    p.copy_(p0)
-            ctx.report.notes.append(f"training raised the loss ({final:.4g} > {init:.4g}); kept the initialisation")
-            final = init
-        for p in params:
-            p.requires_grad_(False)
-        return init, final
 
     def quantize_block(self, ctx: BlockContext) -> None:
         targets = self.targets(ctx)

@@ -119,8 +119,9 @@ class ChannelDualClipQuantizer(UniformQuantizer):
 
     It is a :class:`UniformQuantizer` so :func:`~lrquant.quant.quantizers.quantization_disabled`, the
     checkpoint loader and the exporters treat it like any activation quantizer; ``mode`` is never
-    ``observe``, so ``Method.calibrate_static`` leaves it alone. One instance is shared by every linear the
-    norm feeds, since the reparameterization changes their common input.
+    ``observe``, so ``Method.calibrate_static`` leaves it alone. While calibrating, one instance is shared by
+    every linear the norm feeds (the reparameterization changes their common input); once static, RepQuant
+    gives each linear its own copy.
     """
 
     def __init__(self, num_bits: int, channels: int, shared_zero_point: bool = False) -> None:
