@@ -26,7 +26,7 @@ demo: setup
 	$(VENV)/bin/lrquant report runs/demo --output runs/demo/report
 
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: setup
 	LRQUANT_SKIP_SLOW=1 $(PY) -m pytest -q -m "not slow"
