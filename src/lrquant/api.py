@@ -368,3 +368,83 @@ def run(
         log.removeHandler(handler)
         log.setLevel(old_level)
         handler.close()
+
+
+VISION_EVALS = ("top1", "retrieval")
+
+
+def run_vision(
+    model_name: str,
+    recipe: Recipe,
+    output_dir: str | Path,
+    *,
+    evals: list[str],
+    eval_images: str | None = None,
+    eval_limit: int | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    save_model: bool = True,
+    progress: bool = True,
+) -> RunResult:
+    """The vision job: calibrate on an image folder (``recipe.calib.dataset``), measure ``top1``
+    (classifiers, ImageNet-layout labelled folder) and/or ``retrieval`` (two-crop retrieval top-1 with
+    the backbone's ``pooler_output``) before and after quantization, plus the mean cosine between FP and
+    quantized features; writes the same run folder as :func:`run`."""
+    from .data.images import calibration_images, load_image_folder, preprocess, two_crop_pairs
+    from .eval.vision import feature_cosine, retrieval_top1, top1
+
+    out = Path(output_dir)
+    if (out / "results.json").exists() and not overwrite:
+        raise LrquantError(f"{out} already holds a finished run; pass --overwrite or choose another --output")
+    unknown = set(evals) - set(VISION_EVALS)
+    if unknown:
+        raise LrquantError(f"unknown vision evaluation {sorted(unknown)}; known: {', '.join(VISION_EVALS)}")
+    get_method(recipe.method)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe.save(out / "recipe.yaml")
+    model, processor, display = load_model(model_name, kind="vision")
+    size = getattr(getattr(model, "config", None), "image_size", 224)
+    size = size if isinstance(size, int) else 224
+    fp_model = copy.deepcopy(model)
+    c = recipe.calib
+    calib = calibration_images(c.dataset, c.nsamples, c.seed, size=size)
+    items = load_image_folder(eval_images or c.dataset, limit=eval_limit)
+    paths = [p for p, _ in items]
+    results: dict[str, Any] = {"model": display, "method": recipe.method, "scheme": asdict(recipe.scheme),
+                               "scheme_name": recipe.scheme.name(), "recipe": recipe.to_dict(),
+                               "eval": {"images": len(items), "size": size}}
+    pairs = two_crop_pairs(paths, size=size) if "retrieval" in evals else None
+    pixels = preprocess(paths, size=size) if "top1" in evals else None
+    labels = [label for _, label in items]
+
+    def measure(m: nn.Module, prefix: str) -> None:
+        if pairs is not None:
+            results[f"{prefix}retrieval_top1"] = retrieval_top1(m, pairs, device=device, progress=progress)
+        if pixels is not None:
+            results[f"{prefix}top1"] = top1(m, pixels, labels, device=device, progress=progress)
+
+    measure(fp_model, "fp_")
+    t0 = time.time()
+    qr = quantize(model, recipe, calib, device=device, checkpoint_dir=out / "checkpoint", progress=progress,
+                  model_name=display)
+    results["calib_time_s"] = round(time.time() - t0, 2)
+    results["blocks"] = [asdict(r) for r in qr.reports]
+    results["layer_errors"] = layer_errors(model)
+    results["online_ops"] = qr.online_ops
+    measure(model, "")
+    probe = pairs[0] if pairs is not None else pixels
+    if pairs is not None:
+        results["feature_cosine"] = feature_cosine(fp_model, model, probe, device=device, progress=progress)
+    else:  # classifiers: cosine of the logits
+        with torch.no_grad():
+            cos = [torch.nn.functional.cosine_similarity(fp_model(pixel_values=x.to(device)).logits,
+                                                         model(pixel_values=x.to(device)).logits, dim=-1)
+                   for x in probe.split(32)]
+        results["feature_cosine"] = float(torch.cat(cos).mean())
+    results["peak_rss_gb"] = round(peak_rss_gb(), 3)
+    if save_model:
+        _save_model(model, processor, out / "model")
+        atomic_save_tensors(out / "qparams.safetensors", quant_state(model))
+    atomic_write_json(out / "results.json", results)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    return RunResult(results, model, processor)

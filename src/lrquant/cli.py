@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import CalibArgs, Recipe, Scheme, TrainArgs
+from .config import CalibArgs, Recipe, Scheme, TrainArgs  # noqa: F401  (Recipe used in annotations)
 from .errors import LrquantError
 
 log = logging.getLogger("lrquant")
@@ -90,11 +90,30 @@ def _print_summary(results: dict, out: Path) -> None:
     print(f"run folder: {out}  (results.json, recipe.yaml, run.log, model/)")
 
 
+def _vision_job(args: argparse.Namespace, recipe: Recipe) -> bool:
+    from .api import VISION_EVALS
+
+    evals = (args.eval or "").split(",")
+    return Path(recipe.calib.dataset).is_dir() or any(e in VISION_EVALS for e in evals)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .api import run
+    from .api import run, run_vision
 
     recipe = build_recipe(args)
     out = Path(args.output or f"runs/{recipe.method}-{recipe.scheme.name()}")
+    if _vision_job(args, recipe):
+        evals = [e for e in (args.eval or "retrieval").split(",") if e and e != "none"]
+        res = run_vision(args.model, recipe, out, evals=evals, eval_images=args.eval_images,
+                         eval_limit=args.eval_limit, device=args.device, overwrite=args.overwrite,
+                         save_model=not args.no_save, progress=not args.quiet).results
+        print(f"\nmethod {res['method']}  scheme {res['scheme_name']}  calibration {res['calib_time_s']:.1f}s"
+              f"  peak RSS {res['peak_rss_gb']:.2f} GB  ({res['eval']['images']} images)")
+        for key in ("retrieval_top1", "top1"):
+            if key in res:
+                print(f"{key:>15}  FP {100 * res['fp_' + key]:.1f}%   quantized {100 * res[key]:.1f}%")
+        print(f"{'feature cosine':>15}  {res['feature_cosine']:.4f}\nrun folder: {out}")
+        return 0
     windows = None if args.eval_windows == 0 else args.eval_windows
     tta = None
     if args.tta:
@@ -164,6 +183,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="'default' (embedded SmolLM2-135M), a hub id, a local folder or a .gguf file")
     p.add_argument("--eval", default=None,
                    help="comma list of corpora to measure perplexity on (wikitext2, ptb, c4, default, a file; "
+                        "vision: top1, retrieval; "
                         "'none' to skip); default wikitext2 with a data dir, else the offline default corpus")
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-windows", type=int, default=16,
@@ -196,7 +216,9 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--rotate", default=None, choices=("hadamard", "none"),
                    help="rotation pre-step before any method (randomized Hadamard on the residual stream, online "
                         "Hadamard on the down-proj input)")
-    q.add_argument("--calib", default=None, help="calibration corpus (default, wikitext2, ptb, c4 or a file)")
+    q.add_argument("--calib", default=None,
+                   help="calibration corpus (default, wikitext2, ptb, c4 or a file) or, for vision models, an "
+                        "image folder")
     q.add_argument("--nsamples", type=int, default=None)
     q.add_argument("--seqlen", type=int, default=None)
     q.add_argument("--seed", type=int, default=None)
@@ -207,6 +229,9 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--lr-rot", type=float, default=None, help="learning rate of LRQuant+ rotation vectors")
     q.add_argument("--lr", action="append", metavar="NAME=VALUE", help="learning rate of any parameter group")
     q.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option (YAML value)")
+    q.add_argument("--eval-images", default=None,
+                   help="vision: labelled image folder to evaluate on (default: the --calib folder)")
+    q.add_argument("--eval-limit", type=int, default=None, help="vision: evaluate on the first N images")
     q.add_argument("--tta", action="store_true",
                    help="test-time adaptation of the last blocks on each evaluation stream (learned methods)")
     q.add_argument("--tta-steps", type=int, default=2, help="passes over the TTA windows")
