@@ -34,7 +34,7 @@ from torch import nn
 from lrquant.config import Scheme
 from lrquant.errors import ConfigError
 from lrquant.export.kernels import convert_to_runtime, weight_bytes
-from lrquant.quant.quantizers import QuantLinear
+from lrquant.methods.rtn import quantize_weights_rtn
 
 FORMATS: dict[str, Scheme | None] = {
     "fp32": None,
@@ -132,17 +132,6 @@ def llama7b_stack(layers: int) -> nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
-def quantize_rtn(model: nn.Module, scheme: Scheme) -> None:
-    """Wrap every linear of the decoder blocks in a frozen (RTN) QuantLinear, in place."""
-    for block in model.model.layers:
-        for parent in list(block.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
-                    ql = QuantLinear(child, scheme.weights, scheme.input_activations)
-                    ql.freeze()
-                    setattr(parent, name, ql)
-
-
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast every parameter (not the kernels' buffers) to ``dtype``; tied parameters stay tied."""
     for p in {id(p): p for p in model.parameters()}.values():
@@ -156,7 +145,7 @@ def build(base: nn.Module, fmt: str) -> nn.Module:
     if fmt == "bf16":
         model.to(torch.bfloat16)
     elif scheme is not None:
-        quantize_rtn(model, scheme)
+        quantize_weights_rtn(model, scheme)
         report = convert_to_runtime(model)
         kept = [n for n, v in report.items() if v.startswith("kept")]
         if kept:

@@ -20,20 +20,9 @@ from lrquant.export.compressed import (
     load_compressed,
     recover_codes,
 )
+from lrquant.methods.rtn import quantize_weights_rtn
 from lrquant.quant.primitives import pack_int32, unpack_int32
 from lrquant.quant.quantizers import QuantLinear, quant_linears
-
-
-def quantize_blocks(model: nn.Module, scheme: Scheme) -> nn.Module:
-    """Wrap every linear inside the decoder blocks in a QuantLinear and freeze it (RTN), in place."""
-    for block in model.model.layers:
-        for parent in list(block.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
-                    ql = QuantLinear(child, scheme.weights, scheme.input_activations)
-                    ql.freeze()
-                    setattr(parent, name, ql)
-    return model
 
 
 def tiny_quantized(scheme: Scheme, tied: bool = False, seed: int = 0) -> nn.Module:
@@ -41,7 +30,7 @@ def tiny_quantized(scheme: Scheme, tied: bool = False, seed: int = 0) -> nn.Modu
     if tied:
         model.config.tie_word_embeddings = True
         model.lm_head.weight = model.model.embed_tokens.weight
-    return quantize_blocks(model, scheme)
+    return quantize_weights_rtn(model, scheme)
 
 
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -263,7 +252,7 @@ def test_smollm2_w4a16g64_perplexity_round_trip(tmp_path, shared_data):
     fp16_bytes = sum(p.numel() for p in model.parameters()) * 2  # tied embeddings counted once
     tokens = eval_tokens(tokenizer, "wikitext2", shared_data)[:, : 4 * 512]
     scheme = Scheme.from_bits(4, 16, 64)
-    quantize_blocks(model, scheme)
+    quantize_weights_rtn(model, scheme)
     ppl_mem = perplexity(model, tokens, seqlen=512, progress=False).ppl
 
     out = export_compressed(model, scheme, tmp_path / "fp32", tokenizer=tokenizer)

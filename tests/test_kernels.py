@@ -22,6 +22,7 @@ from lrquant.export.kernels import (
     load_runtime,
     weight_bytes,
 )
+from lrquant.methods.rtn import quantize_weights_rtn
 from lrquant.quant.quantizers import QuantLinear
 
 BF16_TOL, FP32_TOL, INT_GEMM_TOL = 1e-2, 1e-5, 1e-5
@@ -110,15 +111,7 @@ MODEL_CASES = [
 
 
 def quantized_tiny_llama(scheme: Scheme) -> nn.Module:
-    model = tiny_llama(hidden=64)
-    for block in model.model.layers:
-        for parent in list(block.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
-                    ql = QuantLinear(child, scheme.weights, scheme.input_activations)
-                    ql.freeze()
-                    setattr(parent, name, ql)
-    return model
+    return quantize_weights_rtn(tiny_llama(hidden=64), scheme)
 
 
 def test_convert_to_runtime_tiny_llama():

@@ -53,7 +53,7 @@ from ..quant.attention import AttentionQuantizer, enable_attention_quantization
 from ..quant.dualclip import ChannelDualClipQuantizer, fold_linear, fold_norm
 from ..quant.log import LogSqrt2Quantizer, reparam_dequant
 from ..quant.primitives import fake_quant
-from ..quant.quantizers import QuantLinear, UniformQuantizer, quant_linears, quantization_disabled
+from ..quant.quantizers import QuantLinear, UniformQuantizer, quantization_disabled
 from ..transforms.base import add_param, original
 from . import register_method
 from .learned import LearnedMethod
@@ -101,19 +101,9 @@ def full_precision(block: nn.Module) -> Iterator[None]:
             m.probs = p
 
 
-@contextlib.contextmanager
-def weights_in_full_precision(block: nn.Module) -> Iterator[None]:
+def weights_in_full_precision(block: nn.Module):
     """Weight quantizers off (activation quantizers untouched)."""
-    quantizers = [m.weight_quantizer for m in quant_linears(block).values()
-                  if m.weight_quantizer is not None and m.weight_quantizer.enabled]
-    for q in quantizers:
-        q.enabled = False
-    try:
-        yield
-    finally:
-        for q in quantizers:
-            q.enabled = True
-
+    return quantization_disabled(block, weights_only=True)
 
 def quantized_weight(quantizer: UniformQuantizer, w: torch.Tensor) -> torch.Tensor:
     """``w [out, in]`` fake-quantized on ``quantizer``'s grid with its current clipping, whether or not the

@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+from torch import nn
+
+from ..arch.base import get_mapping, set_submodule
+from ..config import Scheme
+from ..quant.quantizers import QuantLinear
 from . import register_method
 from .base import Method
+
+
+def quantize_weights_rtn(model: nn.Module, scheme: Scheme) -> nn.Module:
+    """RTN without calibration data or the engine: every mapped linear of every block becomes a frozen
+    :class:`QuantLinear` (weights on their min-max grid; dynamic activation quantizers need no data).
+    For static activations or KV quantization use :func:`lrquant.quantize` with method ``rtn``."""
+    mapping = get_mapping(model)
+    for block in model.get_submodule(mapping.blocks):
+        for path in mapping.linears():
+            ql = QuantLinear(block.get_submodule(path), scheme.weights, scheme.input_activations)
+            ql.freeze()
+            set_submodule(block, path, ql)
+    return model
 
 
 @register_method("rtn")

@@ -185,9 +185,14 @@ class QuantLinear(nn.Linear):
 
 
 @contextlib.contextmanager
-def quantization_disabled(module: nn.Module) -> Iterator[None]:
-    """Run ``module`` in full precision inside the block (every quantizer passes its input through)."""
-    quantizers = [m for m in module.modules() if isinstance(m, UniformQuantizer) and m.enabled]
+def quantization_disabled(module: nn.Module, weights_only: bool = False) -> Iterator[None]:
+    """Run ``module`` in full precision (every quantizer passes its input through), or only its weights
+    (``weights_only``: the QuantLinear weight quantizers; activation quantizers stay on)."""
+    if weights_only:
+        candidates = [m.weight_quantizer for m in module.modules() if isinstance(m, QuantLinear)]
+    else:
+        candidates = [m for m in module.modules() if isinstance(m, UniformQuantizer)]
+    quantizers = [q for q in candidates if q is not None and q.enabled]
     for q in quantizers:
         q.enabled = False
     try:
