@@ -11,12 +11,6 @@ import torch
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Keep test caches out of the user's cache, except the converted default model (slow to rebuild)."""
-    monkeypatch.setenv("LRQUANT_FP_CACHE_OFF", "1")
-
-
 def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 128):
     from transformers import LlamaConfig, LlamaForCausalLM
 
