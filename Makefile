@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/lrquant quantize --method rtn --wbits 4 --group-size 64 --output runs/demo --overwrite
+	$(VENV)/bin/lrquant quantize --method rtn --wbits 4 --group-size 64 --nsamples 8 --output runs/demo --overwrite
 	$(VENV)/bin/lrquant report runs/demo --output runs/demo/report
 
 test: setup
@@ -30,6 +30,9 @@ test: setup
 
 test-fast: setup
 	LRQUANT_SKIP_SLOW=1 $(PY) -m pytest -q -m "not slow"
+
+bench: setup  # CPU-sized method table (see bench/bench_methods.py --help for paper settings on a GPU)
+	$(PY) bench/bench_methods.py --schemes W4A4 --nsamples 8 --seqlen 256 --epochs 1 --eval-windows 4
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
