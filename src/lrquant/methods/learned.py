@@ -3,6 +3,7 @@ the training loop with rollback on non-finite losses, and the fold."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,21 @@ LR_BACKOFF = 0.1
 
 
 @torch.no_grad()
+def observe_inputs(ctx: BlockContext, hooks: list[tuple[nn.Module, Any]], stream: torch.Tensor,
+                   precision: contextlib.AbstractContextManager) -> None:
+    """Run ``stream [N, L, H]`` through the block one sample at a time inside ``precision`` (e.g.
+    :func:`quantization_disabled`) with forward pre-hooks ``(module, hook)`` attached, then detach them."""
+    handles = [m.register_forward_pre_hook(h) for m, h in hooks]
+    try:
+        with precision:
+            for idx in ctx.batches(1, shuffle=False):
+                ctx.forward(stream[idx])
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
 def channel_stats(ctx: BlockContext, pairs: tuple[SmoothPair, ...]) -> dict[str, dict[str, torch.Tensor]]:
     """Per-channel ``min``/``max``/``absmax`` of the channels each pair transforms, on the FP stream.
 
@@ -33,7 +49,6 @@ def channel_stats(ctx: BlockContext, pairs: tuple[SmoothPair, ...]) -> dict[str,
     query heads of each group); ``qk``: not collected (initialised to ones).
     """
     stats: dict[str, dict[str, torch.Tensor]] = {}
-    handles = []
     n, kv, hd = ctx.mapping.heads(ctx.config)
 
     def hook_for(pair: SmoothPair):
@@ -51,16 +66,8 @@ def channel_stats(ctx: BlockContext, pairs: tuple[SmoothPair, ...]) -> dict[str,
                 cur["min"], cur["max"] = torch.minimum(cur["min"], lo), torch.maximum(cur["max"], hi)
         return hook
 
-    for pair in pairs:
-        if pair.kind != "qk":
-            handles.append(ctx.block.get_submodule(pair.nexts[0]).register_forward_pre_hook(hook_for(pair)))
-    try:
-        with quantization_disabled(ctx.block):
-            for idx in ctx.batches(1, shuffle=False):
-                ctx.forward(ctx.fp_in[idx])
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = [(ctx.block.get_submodule(p.nexts[0]), hook_for(p)) for p in pairs if p.kind != "qk"]
+    observe_inputs(ctx, hooks, ctx.fp_in, quantization_disabled(ctx.block))
     for s in stats.values():
         s["absmax"] = torch.maximum(s["min"].abs(), s["max"].abs())
     return stats

@@ -56,7 +56,7 @@ from ..quant.primitives import fake_quant
 from ..quant.quantizers import QuantLinear, UniformQuantizer, quantization_disabled
 from ..transforms.base import add_param, original
 from . import register_method
-from .learned import LearnedMethod
+from .learned import LearnedMethod, observe_inputs
 
 if TYPE_CHECKING:
     from ..engine import BlockContext
@@ -238,7 +238,6 @@ class RepQuant(LearnedMethod):
         :meth:`ChannelDualClipQuantizer.set_range`."""
         quantizers = self.clip_quantizers(ctx.block)
         ranges: dict[int, list[torch.Tensor]] = {}
-        handles = []
 
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
@@ -246,15 +245,7 @@ class RepQuant(LearnedMethod):
             cur = ranges.get(id(module))
             ranges[id(module)] = [lo, hi] if cur is None else [torch.minimum(cur[0], lo), torch.maximum(cur[1], hi)]
 
-        for q in quantizers:
-            handles.append(q.register_forward_pre_hook(hook))
-        try:
-            with full_precision(ctx.block):
-                for idx in ctx.batches(1, shuffle=False):
-                    ctx.forward(ctx.q_in[idx])
-        finally:
-            for h in handles:
-                h.remove()
+        observe_inputs(ctx, [(q, hook) for q in quantizers], ctx.q_in, full_precision(ctx.block))
         for q in quantizers:
             q.set_range(*ranges[id(q)])
 
