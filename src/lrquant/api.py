@@ -381,6 +381,7 @@ def run_vision(
     evals: list[str],
     eval_images: str | None = None,
     eval_limit: int | None = None,
+    image_size: int | None = None,
     device: str = "cpu",
     overwrite: bool = False,
     save_model: bool = True,
@@ -389,7 +390,12 @@ def run_vision(
     """The vision job: calibrate on an image folder (``recipe.calib.dataset``), measure ``top1``
     (classifiers, ImageNet-layout labelled folder) and/or ``retrieval`` (two-crop retrieval top-1 with
     the backbone's ``pooler_output``) before and after quantization, plus the mean cosine between FP and
-    quantized features; writes the same run folder as :func:`run`."""
+    quantized features; writes the same run folder as :func:`run`.
+
+    ``image_size``: side of the square model input; default: the mapping's ``eval_image_size`` (DINOv2
+    is pretrained at 518 but interpolates its position embeddings and is evaluated at 224), else the
+    config's ``image_size``, else 224."""
+    from .arch.base import get_mapping
     from .data.images import calibration_images, load_image_folder, preprocess, two_crop_pairs
     from .eval.vision import feature_cosine, retrieval_top1, top1
 
@@ -403,7 +409,8 @@ def run_vision(
     out.mkdir(parents=True, exist_ok=True)
     recipe.save(out / "recipe.yaml")
     model, processor, display = load_model(model_name, kind="vision")
-    size = getattr(getattr(model, "config", None), "image_size", 224)
+    size = image_size or get_mapping(model).extra.get("eval_image_size")
+    size = size or getattr(getattr(model, "config", None), "image_size", 224)
     size = size if isinstance(size, int) else 224
     fp_model = copy.deepcopy(model)
     c = recipe.calib

@@ -105,7 +105,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if _vision_job(args, recipe):
         evals = [e for e in (args.eval or "retrieval").split(",") if e and e != "none"]
         res = run_vision(args.model, recipe, out, evals=evals, eval_images=args.eval_images,
-                         eval_limit=args.eval_limit, device=args.device, overwrite=args.overwrite,
+                         eval_limit=args.eval_limit, image_size=args.image_size,
+                         device=args.device, overwrite=args.overwrite,
                          save_model=not args.no_save, progress=not args.quiet).results
         print(f"\nmethod {res['method']}  scheme {res['scheme_name']}  calibration {res['calib_time_s']:.1f}s"
               f"  peak RSS {res['peak_rss_gb']:.2f} GB  ({res['eval']['images']} images)")
@@ -232,6 +233,8 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-images", default=None,
                    help="vision: labelled image folder to evaluate on (default: the --calib folder)")
     q.add_argument("--eval-limit", type=int, default=None, help="vision: evaluate on the first N images")
+    q.add_argument("--image-size", type=int, default=None,
+                   help="vision: input side in pixels (default: the family's evaluation size or config.image_size)")
     q.add_argument("--tta", action="store_true",
                    help="test-time adaptation of the last blocks on each evaluation stream (learned methods)")
     q.add_argument("--tta-steps", type=int, default=2, help="passes over the TTA windows")
