@@ -79,11 +79,20 @@ def main() -> None:
     print(f"\nModel {rows[0][2]['model'] if rows else '?'}; calibration {settings}; WikiText-2 test PPL on the "
           f"first {args.eval_windows or 'all'} windows of 2048 tokens; {platform.processor() or platform.machine()}, "
           f"device {args.device}\n")
-    print("| scheme | method | FP PPL | PPL | calib s | peak RSS GB |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| scheme | method | FP PPL | PPL | training: block loss change | calib s | peak RSS GB |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for scheme, method, r in rows:
         print(f"| {scheme} | {method} | {r['fp_ppl']['wikitext2']:.2f} | {r['ppl']['wikitext2']:.2f} | "
-              f"{r['calib_time_s']:.0f} | {r['peak_rss_gb']:.2f} |")
+              f"{loss_change(r)} | {r['calib_time_s']:.0f} | {r['peak_rss_gb']:.2f} |")
+
+
+def loss_change(results: dict) -> str:
+    """Mean over blocks of final / initial training loss - 1 (``-`` for methods that do not train)."""
+    pairs = [(b["init_loss"], b["final_loss"]) for b in results.get("blocks", [])
+             if b.get("init_loss") and b.get("final_loss") is not None]
+    if not pairs:
+        return "-"
+    return f"{100 * sum(f / i - 1 for i, f in pairs) / len(pairs):+.1f}%"
 
 
 if __name__ == "__main__":
