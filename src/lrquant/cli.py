@@ -181,7 +181,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
-                   help="'default' (embedded SmolLM2-135M), a hub id, a local folder or a .gguf file")
+                   help="'default' (embedded SmolLM2-135M), a hub id, a local folder or a .gguf file; vision "
+                        "jobs also take timm models: timm:NAME (hub weights), timm:NAME@FILE (local .safetensors/"
+                        ".pth/.npz weights for architecture NAME) or timm:FOLDER (timm's config.json + "
+                        "model.safetensors layout, e.g. a timm run's model/)")
     p.add_argument("--eval", default=None,
                    help="comma list of corpora to measure perplexity on (wikitext2, ptb, c4, default, a file; "
                         "vision: top1, retrieval; "

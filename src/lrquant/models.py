@@ -3,6 +3,17 @@
 GGUF files are dequantized to fp32 once and cached as an ordinary transformers checkpoint (safetensors)
 under the user cache folder (``$LRQUANT_CACHE`` or ``~/.cache/lrquant``), without the GGUF
 ``quantization_config``, so later runs load in seconds and nothing treats the model as quantized.
+
+timm models (vision jobs only, :func:`load_timm`), by a ``timm:`` prefix:
+
+* ``timm:<name>`` — ``timm.create_model(name, pretrained=True)``: weights from the hub (needs internet).
+* ``timm:<name>@<file>`` — the architecture ``name`` with local weights (``.safetensors``, ``.pth`` /
+  ``.bin``, or an original ``.npz``), loaded through timm's pretrained path (its checkpoint filter and
+  ``pretrained_cfg``, so preprocessing follows the architecture's default config).
+* ``timm:<folder>`` — a folder in timm's ``local-dir`` layout (``config.json`` + ``model.safetensors``),
+  e.g. ``timm.models.save_for_hf`` output or the ``model/`` folder of a finished timm lrquant run.
+
+Importing timm needs an importable torchvision built for the installed torch.
 """
 
 from __future__ import annotations
@@ -91,16 +102,59 @@ def resolve_model_path(name_or_path: str) -> tuple[str, str]:
     return str(folder), gguf.stem
 
 
+TIMM_PREFIX = "timm:"
+
+
+def load_timm(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, str]:
+    """``(model in eval mode on CPU, display name)`` for ``spec`` = ``<name>``, ``<name>@<file>`` or
+    ``<folder>`` (the part after ``timm:``, see the module docstring)."""
+    try:
+        import timm
+    except Exception as exc:  # noqa: BLE001  (a torchvision built for another torch raises RuntimeError)
+        raise LrquantError(f"timm models need timm and a torchvision matching torch {torch.__version__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    name, _, weights = spec.partition("@")
+    kwargs: dict = {}
+    if weights:
+        file = Path(weights).expanduser()
+        if not file.is_file():
+            raise LrquantError(f"timm weights file not found: {file}")
+        overlay = {"file": str(file.resolve())}
+        if file.suffix != ".npz":  # timm's custom loader reads the original .npz checkpoints only
+            overlay["custom_load"] = False
+        kwargs["pretrained_cfg_overlay"] = overlay
+        display = f"{name}@{file.stem}"
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser().resolve()
+        if not (folder / "config.json").is_file():
+            raise LrquantError(f"{folder} is not a timm model folder (no config.json)")
+        name, display = f"local-dir:{folder}", folder.name
+    else:
+        display = name
+    try:
+        model = timm.create_model(name, pretrained=True, **kwargs)
+    except (RuntimeError, OSError, ValueError, KeyError) as exc:
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[:3] if line.strip())
+        raise LrquantError(f"cannot load timm model {spec!r}: {detail}") from exc
+    return model.to(dtype).eval(), display
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, kind: str = "causal-lm"
 ) -> tuple[nn.Module, object, str]:
     """Load ``(model, tokenizer_or_processor, display_name)`` in eval mode on CPU.
 
     ``kind``: ``causal-lm`` (AutoModelForCausalLM + AutoTokenizer) or ``vision`` (AutoModel /
-    image classifiers + AutoImageProcessor when available).
+    image classifiers + AutoImageProcessor when available; ``timm:...`` names load timm models, with no
+    processor, see :func:`load_timm`).
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    if name_or_path.startswith(TIMM_PREFIX):
+        if kind != "vision":
+            raise LrquantError(f"{name_or_path}: timm models are image models; calibrate on an image folder")
+        model, name = load_timm(name_or_path[len(TIMM_PREFIX):], dtype)
+        return model, None, name
     path, name = resolve_model_path(name_or_path)
     try:
         if kind == "causal-lm":

@@ -123,7 +123,9 @@ _REGISTRY: dict[str, ArchMapping] = {}
 
 
 def register(mapping: ArchMapping, *class_names: str) -> ArchMapping:
-    """Register ``mapping`` for the given transformers class names (exact names, not substrings)."""
+    """Register ``mapping`` for the given class names (exact names, not substrings): bare transformers
+    class names, or qualified ``module.QualName`` names for classes whose bare name is ambiguous (timm's
+    ``timm.models.vision_transformer.VisionTransformer``; torchvision has a ``VisionTransformer`` too)."""
     for name in class_names:
         _REGISTRY[name] = mapping
     return mapping
@@ -140,18 +142,26 @@ def register_family(
 
 
 def supported() -> list[str]:
-    from . import families, vision  # noqa: F401  (registers the built-in families)
+    from . import families, timm_vit, vision  # noqa: F401  (registers the built-in families)
 
     return sorted(_REGISTRY)
 
 
 def get_mapping(model: nn.Module) -> ArchMapping:
-    """The mapping registered for ``type(model)`` or its nearest registered base class."""
-    from . import families, vision  # noqa: F401  (registers the built-in families)
+    """The mapping registered for ``type(model)`` or its nearest registered base class (qualified
+    ``module.QualName`` first, then the bare class name).
+
+    A mapping whose ``extra`` holds a ``prepare`` hook (``(model, mapping) -> mapping``) first brings the
+    model into the layout it describes, in place and idempotently (timm ViTs: fused qkv split into
+    q/k/v, see :mod:`lrquant.arch.timm_vit`), and the hook's mapping is returned."""
+    from . import families, timm_vit, vision  # noqa: F401  (registers the built-in families)
 
     for cls in type(model).__mro__:
-        if cls.__name__ in _REGISTRY:
-            mapping = _REGISTRY[cls.__name__]
+        mapping = _REGISTRY.get(f"{cls.__module__}.{cls.__qualname__}") or _REGISTRY.get(cls.__name__)
+        if mapping is not None:
+            prepare = mapping.extra.get("prepare")
+            if prepare is not None:
+                mapping = prepare(model, mapping)
             config = getattr(model, "config", None)
             if config is not None:
                 check_config(mapping, config.get_text_config() if hasattr(config, "get_text_config") else config)

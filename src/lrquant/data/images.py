@@ -17,6 +17,9 @@ when all 1,000 synsets are present).
 Preprocessing (:func:`preprocess`): RGB (grayscale and palette images are converted), resize the shorter
 side to ``size / crop_pct`` (bicubic), center crop ``size x size``, scale to [0, 1], normalise with
 ``mean``/``std``; or the model's own transformers image processor when one is given.
+:func:`model_preprocessing` reads ``mean``/``std``/``crop_pct`` from a timm model's ``pretrained_cfg``
+(ImageNet defaults otherwise; timm's ``interpolation`` and ``crop_mode`` are not followed: always
+bicubic, center crop).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import random
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -170,6 +174,15 @@ def preprocess(
     return out
 
 
+def model_preprocessing(model: object) -> dict[str, Any]:
+    """``{"mean", "std", "crop_pct"}`` for :func:`preprocess`: a timm model's ``pretrained_cfg`` values
+    (``model.pretrained_cfg``, a dict), else the ImageNet defaults."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    cfg = cfg if isinstance(cfg, dict) else {}
+    return {"mean": tuple(cfg.get("mean") or IMAGENET_MEAN), "std": tuple(cfg.get("std") or IMAGENET_STD),
+            "crop_pct": float(cfg.get("crop_pct") or DEFAULT_CROP_PCT)}
+
+
 def calibration_images(
     path: str | Path,
     nsamples: int,
@@ -179,15 +192,17 @@ def calibration_images(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     crop_pct: float = DEFAULT_CROP_PCT,
+    input_name: str = "pixel_values",
 ) -> list[dict[str, torch.Tensor]]:
     """``nsamples`` images drawn at random (``seed``) from a folder, as engine inputs:
-    ``[{"pixel_values": [1, 3, S, S]}, ...]``."""
+    ``[{input_name: [1, 3, S, S]}, ...]`` (``input_name``: ``pixel_values`` for transformers models,
+    ``x`` for timm's)."""
     items = load_image_folder(path)
     if not 0 < nsamples <= len(items):
         raise DataError(f"asked for {nsamples} calibration images; {path} holds {len(items)}")
     chosen = random.Random(seed).sample(items, nsamples)
     pixels = preprocess([p for p, _ in chosen], processor, size, mean, std, crop_pct)
-    return [{"pixel_values": pixels[i : i + 1]} for i in range(nsamples)]
+    return [{input_name: pixels[i : i + 1]} for i in range(nsamples)]
 
 
 def two_crop_pairs(
