@@ -31,3 +31,27 @@ def test_vision_quantize_cli(tmp_path, shared_data, head):
     assert r["eval"]["images"] == 8 and 0 <= r[key] <= 1 and 0 <= r["fp_" + key] <= 1
     assert 0.5 < r["feature_cosine"] <= 1.0 + 1e-6
     assert (out / "model" / "config.json").is_file() and len(r["blocks"]) == 2
+
+
+def test_fp_vision_outputs_are_cached_per_model_and_pixels(tmp_path, monkeypatch):
+    """The FP pass of a vision run is computed once per (model, weights, pixels) and reused."""
+    from lrquant.api import _fp_vision_cached
+
+    monkeypatch.setenv("LRQUANT_CACHE", str(tmp_path))
+    model = torch.nn.Linear(4, 3)
+    pixels = torch.randn(5, 4)
+    calls = []
+
+    def outputs(m):
+        calls.append(1)
+        with torch.no_grad():
+            return {"logits": m(pixels)}
+
+    a = _fp_vision_cached("m", model, None, pixels, outputs)
+    b = _fp_vision_cached("m", model, None, pixels, outputs)
+    assert len(calls) == 1 and torch.equal(a["logits"], b["logits"])
+    with torch.no_grad():
+        model.weight[0, 0] += 1  # other weights under the same name: recomputed
+    _fp_vision_cached("m", model, None, pixels, outputs)
+    _fp_vision_cached("m", model, None, pixels + 1, outputs)  # other pixels: recomputed
+    assert len(calls) == 3

@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import Recipe
 from .engine import BlockReport, EngineResult, layer_errors, quantize_blocks
-from .errors import LrquantError
+from .errors import DataError, LrquantError
 from .io import atomic_dir, atomic_save_tensors, atomic_write_json
 from .methods import get_method
 from .models import cache_dir, load_model
@@ -168,6 +168,27 @@ def _fp_ppl_cached(model_key: str, model: nn.Module, tokenizer: Any, datasets: l
             continue
         out[name] = evaluate_ppl(model, tokenizer, [name], seqlen, windows, data_dir, device, progress)[name]
         atomic_write_json(path, out[name])
+    return out
+
+
+def _fp_vision_cached(model_key: str, model: nn.Module, pairs: tuple[torch.Tensor, torch.Tensor] | None,
+                      pixels: torch.Tensor | None, outputs: Any) -> dict[str, torch.Tensor]:
+    """``outputs(model)`` of the FP model, cached in the user cache per (model name, weights, exact input
+    pixels): every method x scheme run on the same images then pays for the FP pass once."""
+    h = hashlib.sha256(model_key.encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    for t in (*(pairs or ()), *((pixels,) if pixels is not None else ())):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    path = cache_dir() / "fp_vision" / (h.hexdigest()[:16] + ".safetensors")
+    if path.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    out = outputs(model)
+    atomic_save_tensors(path, out)
     return out
 
 
@@ -401,7 +422,7 @@ def run_vision(
     ``qkv``, :func:`lrquant.arch.timm_vit.save_timm`), loadable again as ``timm:<run>/model``."""
     from .arch.base import get_mapping
     from .data.images import calibration_images, load_image_folder, model_preprocessing, preprocess, two_crop_pairs
-    from .eval.vision import feature_cosine, input_name, logits, retrieval_top1, top1
+    from .eval.vision import embed, input_name, logits, retrieval_top1_from_embeddings
 
     out = Path(output_dir)
     if (out / "results.json").exists() and not overwrite:
@@ -416,7 +437,6 @@ def run_vision(
     size = image_size or get_mapping(model).extra.get("eval_image_size")
     size = size or getattr(getattr(model, "config", None), "image_size", 224)
     size = size if isinstance(size, int) else 224
-    fp_model = copy.deepcopy(model)
     c = recipe.calib
     prep = model_preprocessing(model)  # mean/std/crop_pct: a timm model's pretrained_cfg, else ImageNet's
     calib = calibration_images(c.dataset, c.nsamples, c.seed, size=size, **prep, input_name=input_name(model))
@@ -428,14 +448,28 @@ def run_vision(
     pairs = two_crop_pairs(paths, size=size, mean=prep["mean"], std=prep["std"]) if "retrieval" in evals else None
     pixels = preprocess(paths, size=size, **prep) if "top1" in evals else None
     labels = [label for _, label in items]
+    if pixels is not None and any(label is None for label in labels):
+        raise DataError("top1 needs a label for every image (the folder has unlabelled images)")
 
-    def measure(m: nn.Module, prefix: str) -> None:
+    def outputs(m: nn.Module) -> dict[str, torch.Tensor]:
+        """Everything the metrics need from one model: crop embeddings ``[N, H]`` and/or logits ``[N, C]``."""
+        out: dict[str, torch.Tensor] = {}
         if pairs is not None:
-            results[f"{prefix}retrieval_top1"] = retrieval_top1(m, pairs, device=device, progress=progress)
+            out["first"] = embed(m, pairs[0], device=device, progress=progress)
+            out["second"] = embed(m, pairs[1], device=device, progress=progress)
         if pixels is not None:
-            results[f"{prefix}top1"] = top1(m, pixels, labels, device=device, progress=progress)
+            with torch.no_grad():
+                out["logits"] = torch.cat([logits(m, x.to(device)).float().cpu() for x in pixels.split(32)])
+        return out
 
-    measure(fp_model, "fp_")
+    def measure(o: dict[str, torch.Tensor], prefix: str) -> None:
+        if "first" in o:
+            results[f"{prefix}retrieval_top1"] = retrieval_top1_from_embeddings(o["first"], o["second"])
+        if "logits" in o:
+            results[f"{prefix}top1"] = float((o["logits"].argmax(-1) == torch.as_tensor(labels)).float().mean())
+
+    fp_out = _fp_vision_cached(display, model, pairs, pixels, outputs)  # before quantize changes model
+    measure(fp_out, "fp_")
     t0 = time.time()
     qr = quantize(model, recipe, calib, device=device, checkpoint_dir=out / "checkpoint", progress=progress,
                   model_name=display)
@@ -443,16 +477,11 @@ def run_vision(
     results["blocks"] = [asdict(r) for r in qr.reports]
     results["layer_errors"] = layer_errors(model)
     results["online_ops"] = qr.online_ops
-    measure(model, "")
-    probe = pairs[0] if pairs is not None else pixels
-    if pairs is not None:
-        results["feature_cosine"] = feature_cosine(fp_model, model, probe, device=device, progress=progress)
-    else:  # classifiers: cosine of the logits
-        with torch.no_grad():
-            cos = [torch.nn.functional.cosine_similarity(logits(fp_model, x.to(device)), logits(model, x.to(device)),
-                                                         dim=-1)
-                   for x in probe.split(32)]
-        results["feature_cosine"] = float(torch.cat(cos).mean())
+    q_out = outputs(model)
+    measure(q_out, "")
+    # backbones: cosine of the first-crop embeddings; classifiers: cosine of the logits
+    key = "first" if pairs is not None else "logits"
+    results["feature_cosine"] = float(torch.nn.functional.cosine_similarity(fp_out[key], q_out[key], dim=-1).mean())
     results["peak_rss_gb"] = round(peak_rss_gb(), 3)
     if save_model and get_mapping(model).family == "timm_vit":  # timm's layout: config.json + model.safetensors
         from .arch.timm_vit import fuse_tensor_names, save_timm
