@@ -281,14 +281,6 @@ def test_dinov2_swiglu_is_refused():
         get_mapping(transformers.Dinov2Model(transformers.Dinov2Config(**DINO, use_swiglu_ffn=True)))
 
 
-def test_swin_is_not_mapped():
-    """Swin's nested stages need engine support (see lrquant.arch.vision); until then it is refused."""
-    model = transformers.SwinModel(transformers.SwinConfig(embed_dim=HIDDEN, depths=[2, 2], num_heads=[2, 2],
-                                                           image_size=IMG, patch_size=4, window_size=2))
-    with pytest.raises(UnsupportedArchitectureError, match="SwinModel"):
-        get_mapping(model)
-
-
 # ---- image folders ---------------------------------------------------------------------------------
 
 

@@ -62,11 +62,12 @@ def validate_scheme(model: nn.Module, recipe: Recipe) -> None:
     w = recipe.scheme.weights
     if w is None or w.strategy != "group":
         return
-    block = model.get_submodule(mapping.blocks)[0]
-    for path in mapping.linears():
-        dim = block.get_submodule(path).in_features
-        if dim % w.group_size:
-            raise ConfigError(f"group_size {w.group_size} does not divide the input dimension {dim} of {path}")
+    for _, block in mapping.block_list(model):  # widths may differ per block (stages)
+        for path in mapping.linears():
+            dim = block.get_submodule(path).in_features
+            if dim % w.group_size:
+                raise ConfigError(
+                    f"group_size {w.group_size} does not divide the input dimension {dim} of {path}")
 
 
 ROTATIONS = ("hadamard",)
@@ -213,9 +214,9 @@ def restore_quant_state(model: nn.Module, recipe: Recipe, tensors: dict[str, tor
     from .quant.quantizers import QuantLinear
 
     mapping = get_mapping(model)
-    for i, block in enumerate(model.get_submodule(mapping.blocks)):
+    for block_name, block in mapping.block_list(model):
         for path in mapping.linears():
-            name = f"{mapping.blocks}.{i}.{path}"
+            name = f"{block_name}.{path}"
             ql = QuantLinear(block.get_submodule(path), recipe.scheme.weights, recipe.scheme.input_activations)
             for kind, q in (("weight", ql.weight_quantizer), ("input", ql.input_quantizer)):
                 if q is not None and f"{name}.{kind}_scale" in tensors:
@@ -249,21 +250,21 @@ def _run_tta(q_model: nn.Module, model_name: str, method: Any, tokenizer: Any, d
              cfg: TTAConfig, seqlen: int, windows: int | None, data_dir: str | None, device: Any,
              progress: bool) -> tuple[dict[str, float], dict[str, Any]]:
     """Per dataset: adapt the last blocks on its (unlabeled) evaluation stream, measure PPL, restore."""
-    from .arch.base import get_mapping
+    from .arch.base import get_mapping, set_submodule
     from .data.text import eval_tokens
     from .tta import adapt
 
     fp_model, _, _ = load_model(model_name)
-    blocks = q_model.get_submodule(get_mapping(q_model).blocks)
     ppl, info = {}, {}
     for name in datasets:
-        saved = {i: copy.deepcopy(blocks[i]) for i in range(len(blocks) - cfg.blocks, len(blocks))}
+        slots = get_mapping(q_model).block_list(q_model)
+        saved = {slots[i][0]: copy.deepcopy(slots[i][1]) for i in range(len(slots) - cfg.blocks, len(slots))}
         report = adapt(q_model, fp_model, method, eval_tokens(tokenizer, name, data_dir=data_dir), cfg, device)
         ppl[name] = evaluate_ppl(q_model, tokenizer, [name], seqlen, windows, data_dir, device, progress)[name]["ppl"]
         info[name] = {**asdict(report), "config": asdict(cfg)}
         log.info("TTA on %s: %.1fs, perplexity %.4f", name, report.seconds, ppl[name])
-        for i, block in saved.items():
-            blocks[i] = block
+        for block_name, block in saved.items():
+            set_submodule(q_model, block_name, block)
     return ppl, info
 
 
@@ -438,7 +439,7 @@ def run_vision(
     size = size or getattr(getattr(model, "config", None), "image_size", 224)
     size = size if isinstance(size, int) else 224
     c = recipe.calib
-    prep = model_preprocessing(model)  # mean/std/crop_pct: a timm model's pretrained_cfg, else ImageNet's
+    prep = model_preprocessing(model, processor)  # timm pretrained_cfg, else the image processor, else ImageNet
     calib = calibration_images(c.dataset, c.nsamples, c.seed, size=size, **prep, input_name=input_name(model))
     items = load_image_folder(eval_images or c.dataset, limit=eval_limit)
     paths = [p for p, _ in items]

@@ -8,17 +8,24 @@ For each transformer block, in order::
     q_out   = block_q(q_in)              # push the quantized stream forward
     checkpoint(block)                    # every tensor of the block, atomically
 
-Streams are ``[N, L, H]`` tensors (N calibration samples of L tokens). Only the current block lives on the
-compute device; streams stay on the device while small and go to CPU otherwise. Resuming replays the
-finished blocks (FP forward, restore the saved tensors, quantized forward) in exactly the same order as
-the uninterrupted run, so a resumed run ends with bit-identical weights. Every random choice inside a
-block uses a generator seeded from (seed, block index), so the result does not depend on where a run was
-interrupted.
+Streams are ``[N, L, H]`` tensors (N calibration samples of L tokens). Hierarchical mappings (stages,
+see :mod:`lrquant.arch.base`) also run each stage's *transition* (Swin's patch merging, ``[N, L, C] ->
+[N, L/4, 2C]``) on both streams after the stage's last block; transitions are not quantized and stay in
+full precision. Each block is called as ``block(x, *args, **kwargs)`` with the extra positional
+arguments and keyword arguments it received in a full-precision forward (single block list: block 0's
+keyword arguments, captured once, shared by every block; stages: captured per block and per transition
+in one full forward of the first calibration sample, e.g. Swin's ``input_dimensions``). Only the current
+block lives on the compute device; streams stay on the device while small and go to CPU otherwise.
+Resuming replays the finished blocks (FP forward, restore the saved tensors, quantized forward, and the
+transitions) in exactly the same order as the uninterrupted run, so a resumed run ends with bit-identical
+weights. Every random choice inside a block uses a generator seeded from (seed, block index), so the
+result does not depend on where a run was interrupted.
 
 Data parallel (later): a method's training step averages gradients with ``ctx.all_reduce_grads`` when
 ``torch.distributed`` is initialised and shards samples by rank; the engine is otherwise unchanged.
-Larger-than-RAM models: blocks are only touched through ``mapping.blocks`` one at a time, so a loader
-that materialises block i from safetensors shards can sit behind the same loop.
+Larger-than-RAM models: blocks are only touched through ``mapping.block_list`` one at a time, so a loader
+that materialises block i from safetensors shards can sit behind the same loop (staged mappings would
+also need the one full forward that captures their call arguments).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +78,9 @@ class BlockContext:
     """Everything a method sees of one block.
 
     ``fp_in, q_in, fp_out``: ``[N, L, H]`` streams; ``kwargs``: the keyword arguments the block needs
-    (attention mask, position ids/embeddings), captured once, broadcast over the batch.
+    (attention mask, position ids/embeddings), captured once, broadcast over the batch; ``args``: extra
+    positional arguments after the hidden states (Swin: ``input_dimensions``). ``index``: position in
+    ``mapping.block_list`` (over all stages); ``name``: the block's full dotted name.
     """
 
     index: int
@@ -88,11 +97,12 @@ class BlockContext:
     generator: torch.Generator
     report: BlockReport
     on_progress: Callable[[str], None] = lambda _msg: None
-    block_list: nn.ModuleList | None = None
+    block_list: Sequence[nn.Module] | None = None
+    args: tuple = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the block on ``x: [B, L, H]`` (moved to the compute device) -> ``[B, L, H]``."""
-        return run_block(self.block, x.to(self.device), self.kwargs)
+        return run_block(self.block, x.to(self.device), self.kwargs, self.args)
 
     def batches(self, batch_size: int, shuffle: bool = True) -> Iterator[torch.Tensor]:
         """Sample indices ``[B]`` over ``N`` (this rank's shard under torch.distributed)."""
@@ -127,20 +137,25 @@ def _to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    """One block forward: ``x [B, L, H] -> [B, L, H]`` (tuple outputs reduced to the hidden states)."""
-    out = block(x, **kwargs)
+def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], args: tuple = ()) -> torch.Tensor:
+    """One forward ``block(x, *args, **kwargs)``: ``x [B, L, H] -> [B, L', H']`` (tuple outputs reduced to
+    the hidden states; ``L' = L, H' = H`` for a block, not for a stage transition)."""
+    out = block(x, *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @torch.no_grad()
 def run_stream(block: nn.Module, stream: torch.Tensor, kwargs: dict[str, Any], device: torch.device,
-               batch_size: int = 1) -> torch.Tensor:
-    """Apply ``block`` to every sample of ``stream [N, L, H]``; the output stays where the input was."""
-    out = torch.empty_like(stream)
+               batch_size: int = 1, args: tuple = ()) -> torch.Tensor:
+    """Apply ``block`` to every sample of ``stream [N, L, H]`` -> ``[N, L', H']`` in ``stream``'s dtype; the
+    output stays where the input was (a stage transition may change ``L`` and ``H``)."""
+    out: torch.Tensor | None = None
     for i in range(0, stream.shape[0], batch_size):
-        out[i : i + batch_size] = run_block(block, stream[i : i + batch_size].to(device), kwargs).to(stream.device)
-    return out
+        y = run_block(block, stream[i : i + batch_size].to(device), kwargs, args).to(stream.device)
+        if out is None:
+            out = stream.new_empty((stream.shape[0], *y.shape[1:]))
+        out[i : i + batch_size] = y
+    return out if out is not None else torch.empty_like(stream)
 
 
 @torch.no_grad()
@@ -154,7 +169,7 @@ def capture_block_inputs(
     ``(hidden [N, L, H] on CPU, kwargs)``. The kwargs of the first sample are kept (same length for
     all samples, so they are identical); caches are dropped.
     """
-    blocks = model.get_submodule(mapping.blocks)
+    first_block = mapping.block_list(model)[0][1]
     for path in mapping.pre_blocks:
         model.get_submodule(path).to(device)
     captured: list[torch.Tensor] = []
@@ -164,11 +179,11 @@ def capture_block_inputs(
         hidden = args[0] if args else kwargs.pop("hidden_states")
         captured.append(hidden.detach().to("cpu"))
         if not kwargs_holder:
-            kept = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+            kept = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
             kwargs_holder.update(_to(kept, torch.device("cpu")))
         raise _Captured
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         items = list(batches) if isinstance(batches, list) else [batches[i : i + 1] for i in range(batches.shape[0])]
         for item in items:
@@ -184,6 +199,47 @@ def capture_block_inputs(
     if not captured:
         raise LrquantError("block 0 was never reached while capturing calibration inputs")
     return torch.cat(captured, dim=0), kwargs_holder
+
+
+_DROPPED_KWARGS = ("past_key_values", "past_key_value", "use_cache")
+
+
+@torch.no_grad()
+def capture_calls(
+    model: nn.Module, mapping: ArchMapping, item: torch.Tensor | dict[str, torch.Tensor],
+    input_name: str = "input_ids",
+) -> dict[str, tuple[tuple, dict[str, Any]]]:
+    """How every block and every stage transition is called: one full-precision forward of one sample
+    (``item``: token ids ``[1, L]`` or a model-input dict) on the device the model is on, with forward
+    pre-hooks. Returns ``{full dotted name: (positional args after the hidden states, kwargs)}``, on CPU,
+    caches dropped. Used for hierarchical (staged) mappings, whose call arguments differ per stage."""
+    names = [n for n, _ in mapping.block_list(model)] + list(mapping.transitions(model).values())
+    calls: dict[str, tuple[tuple, dict[str, Any]]] = {}
+
+    def hook_for(name: str):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if name in calls:
+                return
+            kept = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
+            if not args:
+                kept.pop("hidden_states", None)
+            cpu = torch.device("cpu")
+            calls[name] = (_to(tuple(args[1:]), cpu), _to(kept, cpu))
+        return hook
+
+    param = next(model.parameters(), None)
+    where = param.device if param is not None else torch.device("cpu")
+    inputs = _to(item, where) if isinstance(item, dict) else {input_name: item.to(where)}
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n), with_kwargs=True) for n in names]
+    try:
+        model(**inputs, use_cache=False) if "use_cache" in _forward_params(model) else model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in calls]
+    if missing:
+        raise LrquantError(f"never called during a full forward: {', '.join(missing)}")
+    return calls
 
 
 def _forward_params(model: nn.Module) -> set[str]:
@@ -287,7 +343,9 @@ def quantize_blocks(
     device = torch.device(device)
     t0 = time.time()
     mapping = get_mapping(model)
-    blocks = model.get_submodule(mapping.blocks)
+    slots = mapping.block_list(model)
+    blocks = [block for _, block in slots]
+    transitions = mapping.transitions(model)
     method.prepare_model(model, mapping, calib)
     fp_in, kwargs = capture_block_inputs(model, mapping, calib, device)
     on_device = fp_in.numel() * fp_in.element_size() * 3 <= STREAM_DEVICE_LIMIT_BYTES
@@ -295,6 +353,12 @@ def quantize_blocks(
     fp_in = fp_in.to(stream_device)
     q_in = fp_in.clone()
     kwargs = _to(kwargs, device)
+    if mapping.stages is None:  # one block list: block 0's kwargs, captured once, serve every block
+        calls = {name: ((), kwargs) for name, _ in slots}
+    else:  # stages: per-block / per-transition call arguments from one full forward of the first sample
+        first = calib[0] if isinstance(calib, list) else calib[:1]
+        calls = {name: (_to(a, device), _to(kw, device)) for name, (a, kw) in
+                 capture_calls(model, mapping, first).items()}
 
     ckpt = Checkpointer(checkpoint_dir, recipe_fingerprint(recipe, model_name)) if checkpoint_dir else None
     completed = -1
@@ -307,16 +371,17 @@ def quantize_blocks(
             log.info("resuming after block %d of %d", completed, len(blocks))
 
     bar = tqdm(total=len(blocks), desc="blocks", unit="block", disable=not progress, dynamic_ncols=True)
-    for index, block in enumerate(blocks):
+    for index, (name, block) in enumerate(slots):
+        args, kwargs = calls[name]
         block.to(device)
-        fp_out = run_stream(block, fp_in, kwargs, device)
+        fp_out = run_stream(block, fp_in, kwargs, device, args=args)
         ctx = BlockContext(
-            index=index, name=f"{mapping.blocks}.{index}", block=block, mapping=mapping, config=model.config,
+            index=index, name=name, block=block, mapping=mapping, config=model.config,
             recipe=recipe, fp_in=fp_in, q_in=q_in, fp_out=fp_out, kwargs=kwargs, device=device,
             generator=torch.Generator().manual_seed(block_seed(recipe.train.seed, index)),
             report=BlockReport(block=index),
             on_progress=lambda msg, i=index: bar.set_postfix_str(f"block {i}: {msg}", refresh=True),
-            block_list=blocks,
+            block_list=blocks, args=args,
         )
         method.prepare_block(ctx)
         if index <= completed:
@@ -326,7 +391,7 @@ def quantize_blocks(
             tb = time.time()
             method.quantize_block(ctx)
             ctx.report.seconds = round(time.time() - tb, 3)
-        q_out = run_stream(block, q_in, kwargs, device)
+        q_out = run_stream(block, q_in, kwargs, device, args=args)
         if index > completed:
             ctx.report.out_rel_err = float((q_out - fp_out).pow(2).sum() / fp_out.pow(2).sum().clamp_min(1e-20))
             reports.append(ctx.report)
@@ -336,10 +401,27 @@ def quantize_blocks(
             bar.set_postfix_str(f"block {index}: loss {loss:.3g}", refresh=False)
         fp_in, q_in = fp_out, q_out
         block.to("cpu")
+        if index in transitions:  # between stages: the same full-precision module on both streams
+            fp_in, q_in = run_transition(model, transitions[index], calls, (fp_in, q_in), device)
         bar.update(1)
     bar.close()
     method.finalize_model(model, mapping)
     return EngineResult(reports=reports, seconds=time.time() - t0, mapping=mapping)
+
+
+@torch.no_grad()
+def run_transition(
+    model: nn.Module, name: str, calls: dict[str, tuple[tuple, dict[str, Any]]],
+    streams: tuple[torch.Tensor, ...], device: torch.device,
+) -> tuple[torch.Tensor, ...]:
+    """Apply the stage transition ``name`` (kept in full precision) to each stream ``[N, L, C]`` ->
+    ``[N, L', C']`` with its captured call arguments; outputs stay where the inputs were."""
+    module = model.get_submodule(name).to(device)
+    args, kwargs = calls[name]
+    try:
+        return tuple(run_stream(module, s, kwargs, device, args=args) for s in streams)
+    finally:
+        module.to("cpu")
 
 
 def layer_errors(model: nn.Module) -> dict[str, float]:

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .arch.base import get_mapping
+from .arch.base import get_mapping, set_submodule
 from .config import TrainArgs
 from .engine import BlockContext, BlockReport, block_seed, capture_block_inputs, run_stream
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, UnsupportedArchitectureError
 
 
 @dataclass
@@ -62,12 +62,18 @@ def adapt(
     """Adapt the last ``cfg.blocks`` blocks of ``q_model`` in place on ``tokens [1, T]``.
 
     ``method`` is the (learned) method object that quantized ``q_model`` with ``tta_blocks >= cfg.blocks``.
+    Token streams through one block list only (staged mappings are refused).
     """
     t0 = time.time()
     device = torch.device(device)
     mapping = get_mapping(q_model)
-    q_blocks = q_model.get_submodule(mapping.blocks)
-    fp_blocks = fp_model.get_submodule(mapping.blocks)
+    if mapping.stages is not None:
+        raise UnsupportedArchitectureError(
+            f"{mapping.family}: test-time adaptation runs on token streams through one block list, not on "
+            "a staged (hierarchical) model")
+    q_slots = mapping.block_list(q_model)
+    q_blocks = [b for _, b in q_slots]
+    fp_blocks = [b for _, b in mapping.block_list(fp_model)]
     n = len(q_blocks)
     first = n - cfg.blocks
     state = getattr(method, "tta_state", {})
@@ -107,14 +113,15 @@ def adapt(
                 fp_out = run_stream(_moved(fp_blocks[i], device), fp_in, kwargs, device)
             fp_blocks[i].to("cpu")
             ctx = BlockContext(
-                index=i, name=f"{mapping.blocks}.{i}", block=block, mapping=mapping, config=q_model.config,
+                index=i, name=q_slots[i][0], block=block, mapping=mapping, config=q_model.config,
                 recipe=recipe, fp_in=fp_in, q_in=q_in, fp_out=fp_out, kwargs=kwargs, device=device,
                 generator=torch.Generator().manual_seed(block_seed(recipe.train.seed, i) + 1),
                 report=BlockReport(block=i), block_list=q_blocks,
             )
             method.warm_start = state[i]["params"]
             method.quantize_block(ctx)
-            q_blocks[i] = block.to("cpu")
+            set_submodule(q_model, q_slots[i][0], block.to("cpu"))
+            q_blocks[i] = block
             report.init_loss.append(ctx.report.init_loss)
             report.final_loss.append(ctx.report.final_loss)
             with torch.no_grad():

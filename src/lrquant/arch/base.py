@@ -5,6 +5,13 @@ linears are q/k/v/o and MLP in/out, which norms are sandwich/QK norms, how heads
 whether RoPE rotates q/k. Everything downstream (engine, transforms, export) asks the mapping; no code
 anywhere tests a model's name.
 
+Blocks live either in one ModuleList (``blocks``) or, for hierarchical models (Swin), in *stages*:
+``stages`` is a ModuleList whose entries hold their blocks at ``stage_blocks`` and, optionally, a
+``stage_transition`` module run on the stage output (patch merging), which may change the token count
+and the width. Consumers never walk these paths themselves: :meth:`ArchMapping.block_list` gives every
+block with its full dotted name in execution order and :meth:`ArchMapping.transitions` says after which
+block a transition runs.
+
 Paths are dotted attribute paths: model-level paths from the top-level model object, block-level
 paths relative to one block.
 """
@@ -40,7 +47,7 @@ class ArchMapping:
 
     family: str
     # ---- model level -------------------------------------------------------------------------------
-    blocks: str                                  # ModuleList of transformer blocks
+    blocks: str                                  # ModuleList of transformer blocks ("" when ``stages`` is set)
     pre_blocks: tuple[str, ...]                  # modules run before block 0 (embeddings, rotary...)
     final_norm: str | None = None
     head: str | None = None
@@ -61,6 +68,10 @@ class ArchMapping:
     post_attn_norm: str | None = None            # sandwich norm on the attention output
     post_mlp_norm: str | None = None             # sandwich norm on the MLP output
     norm_kind: str = "rms"                       # rms | rms_plus_one (weight stored as w - 1) | layer
+    # norms whose output the block may zero-pad before the next linears (Swin pads its windows after
+    # the attention norm when the patch grid is not a multiple of the window): a padded token is 0 in
+    # any basis, so scales fold there but a shift / zero-point offset would not
+    padded_norms: tuple[str, ...] = ()
     rope: bool = True
     encoder: bool = False                        # bidirectional blocks (vision), no causal mask
     # ---- config attribute names --------------------------------------------------------------------
@@ -68,9 +79,20 @@ class ArchMapping:
     n_kv_heads_attr: str | None = "num_key_value_heads"
     head_dim_attr: str | None = "head_dim"
     hidden_attr: str = "hidden_size"
+    # (num heads, head dim) attribute names on each block's attention module, when head counts differ per
+    # block (Swin: per-stage ``num_heads``); None: from the config (the ``*_attr`` names above)
+    heads_from_attention: tuple[str, str] | None = None
+    # ---- nested stages (hierarchical models) -------------------------------------------------------
+    stages: str | None = None                    # ModuleList of stages (then ``blocks`` is "")
+    stage_blocks: str = "blocks"                 # the block ModuleList inside one stage
+    stage_transition: str | None = None          # module run on a stage's output (may be None on a stage)
     # config -> why this static mapping does not describe it (None when it does)
     config_check: Callable[[Any], str | None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if bool(self.blocks) == (self.stages is not None):
+            raise ValueError(f"{self.family}: give exactly one of blocks (a block list) and stages")
 
     # ---- derived -----------------------------------------------------------------------------------
     @property
@@ -82,8 +104,47 @@ class ArchMapping:
         """Every quantized linear of a block, in execution order."""
         return (self.q, self.k, self.v, self.o, *self.mlp_in, self.mlp_out)
 
-    def heads(self, config: Any) -> tuple[int, int, int]:
-        """``(num_heads, num_kv_heads, head_dim)`` from a transformers config (text part of multimodal)."""
+    def block_list(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Every block of ``model`` as ``(full dotted name, module)``, in execution order: ``blocks.i``, or
+        ``stages.s.stage_blocks.j`` stage after stage."""
+        if self.stages is None:
+            return [(f"{self.blocks}.{i}", b) for i, b in enumerate(model.get_submodule(self.blocks))]
+        out: list[tuple[str, nn.Module]] = []
+        for s, stage in enumerate(model.get_submodule(self.stages)):
+            prefix = f"{self.stages}.{s}.{self.stage_blocks}"
+            out.extend((f"{prefix}.{j}", b) for j, b in enumerate(stage.get_submodule(self.stage_blocks)))
+        return out
+
+    def transitions(self, model: nn.Module) -> dict[int, str]:
+        """``{index in block_list of a stage's last block: full dotted name of the transition run on its
+        output}`` for every stage that has one (empty for single-list mappings). Transitions take the
+        stream ``[N, L, C]`` to ``[N, L', C']`` (patch merging: ``L' = L / 4, C' = 2 C``)."""
+        if self.stages is None or self.stage_transition is None:
+            return {}
+        out: dict[int, str] = {}
+        count = 0
+        for s, stage in enumerate(model.get_submodule(self.stages)):
+            n_blocks = len(stage.get_submodule(self.stage_blocks))
+            count += n_blocks
+            parent, _, attr = self.stage_transition.rpartition(".")
+            holder = stage.get_submodule(parent) if parent else stage
+            if getattr(holder, attr, None) is None:
+                continue
+            if n_blocks == 0:
+                raise UnsupportedArchitectureError(f"{self.family}: stage {s} has a transition but no blocks")
+            out[count - 1] = f"{self.stages}.{s}.{self.stage_transition}"
+        return out
+
+    def heads(self, config: Any, block: nn.Module | None = None) -> tuple[int, int, int]:
+        """``(num_heads, num_kv_heads, head_dim)`` from a transformers config (text part of multimodal), or,
+        for mappings with ``heads_from_attention``, from ``block``'s attention module (then ``block`` is
+        required: head counts differ per block)."""
+        if self.heads_from_attention is not None:
+            if block is None:
+                raise ValueError(f"{self.family}: head counts differ per block; pass the block to heads()")
+            attn = block.get_submodule(self.attention)
+            n, hd = (int(getattr(attn, a)) for a in self.heads_from_attention)
+            return n, n, hd
         if hasattr(config, "get_text_config"):
             config = config.get_text_config()
         n = getattr(config, self.n_heads_attr)
@@ -116,6 +177,7 @@ class ArchMapping:
         return replace(
             self, blocks=strip(self.blocks), pre_blocks=tuple(strip(x) for x in self.pre_blocks),
             final_norm=strip(self.final_norm), head=None, embed_tokens=strip(self.embed_tokens),
+            stages=strip(self.stages),
         )
 
 

@@ -1,9 +1,10 @@
-"""Vision-transformer architecture mappings (ViT/DeiT, DINOv2).
+"""Vision-transformer architecture mappings (ViT/DeiT, DINOv2, Swin).
 
 Paths follow the transformers 5.x modeling sources. Every family here is a pre-LN encoder: LayerNorm
 (with bias) -> q/k/v, LayerNorm -> fc1 -> GELU -> fc2, bidirectional attention, learned position
-embeddings (no RoPE), MHA (no GQA). Block 0's input is the patch-embedding output (CLS and, for DINOv2
-with registers / DeiT, extra tokens included), so ``pre_blocks`` is just the embeddings module.
+embeddings or (Swin) a relative position bias, no RoPE, MHA (no GQA). Block 0's input is the
+patch-embedding output (CLS and, for DINOv2 with registers / DeiT, extra tokens included), so
+``pre_blocks`` is just the embeddings module.
 
 Covered
     * ``ViTModel`` / ``ViTForImageClassification`` (DeiT checkpoints without a distillation token load
@@ -19,17 +20,29 @@ Covered
       output rows; with per-channel or grouped weight quantization that fold is neutral, so nothing
       needs it.) The SwiGLU-FFN variant (``use_swiglu_ffn=True``, DINOv2-giant) has gate/up/down MLP
       linears; the static mapping refuses it through ``config_check`` (``get_mapping`` raises).
+    * ``SwinModel`` / ``SwinForImageClassification`` (transformers 5.x layout), a *staged* mapping (see
+      :mod:`lrquant.arch.base`): blocks ``swin.encoder.layers[s].blocks[j]``, the patch merging
+      ``downsample`` (LayerNorm + a 4C -> 2C Linear, ``[N, L, C] -> [N, L/4, 2C]``) after every stage but
+      the last is the stage *transition*: the engine runs it, in full precision and unquantized, on both
+      streams between stages. Each block and each transition receives the stage's ``input_dimensions``
+      positionally; the engine captures those call arguments per block in one full-precision forward.
+      Inside a block: ``layernorm_before`` -> ``attention.q_proj/k_proj/v_proj`` (window partition and
+      cyclic shift in between are token permutations, so per-channel transforms commute with them) ->
+      ``attention.o_proj``; ``layernorm_after`` -> ``mlp.fc1`` -> GELU -> ``mlp.fc2``. The relative
+      position bias (and the shifted-window mask) is added to the scores, so ``q * s``, ``k / s`` folds
+      exactly; transformers 5.x routes Swin's attention through the attention interface (the bias goes
+      in as an additive mask), so Q/K/V quantization and RepQuant's softmax quantizer work as for any
+      family. Heads differ per stage (``num_heads`` is a list): they are read from each block's attention
+      module (``heads_from_attention``). Swin zero-pads the windows after ``layernorm_before`` when a
+      stage's patch grid is not a multiple of the window, so that norm is in ``padded_norms``: it takes
+      scales, no shift or zero-point offset (exact at every input size). Not quantized (full precision):
+      the patch embedding, the patch mergings, the relative position bias tables, the final norm, the
+      pooler and the classifier.
 
 Not covered
-    * Swin (``SwinModel`` / ``SwinForImageClassification``): blocks are nested
-      (``encoder.layers[s].blocks[j]``) with a patch-merging layer (LayerNorm + a 4C -> 2C Linear) that
-      changes the token count and width between stages, and each block takes the stage's
-      ``input_dimensions`` as a *positional* argument. The engine takes one ModuleList path, keeps only
-      ``args[0]`` and the keyword arguments of block 0, and carries one ``[N, L, H]`` stream shape, so a
-      Swin mapping cannot be expressed without engine support (a list of block paths, stream transitions
-      between stages, per-stage captured call arguments).
-    * timm ``VisionTransformer``: timm is not installed, and its fused ``attn.qkv`` Linear does not fit
-      the separate q/k/v paths of :class:`~lrquant.arch.base.ArchMapping`.
+    * ``SwinBackbone``, ``SwinForMaskedImageModeling`` and Swin V2 (``Swinv2*``: cosine attention with a
+      learned logit scale and a continuous position-bias MLP, post-norm blocks) are not mapped.
+    * timm ``VisionTransformer`` is mapped in :mod:`lrquant.arch.timm_vit`, not here.
 """
 
 from __future__ import annotations
@@ -121,4 +134,25 @@ DINOV2 = register_family(
     ("Dinov2ForImageClassification",),
     ("Dinov2Model",),
     base_prefix="dinov2.",
+)
+
+
+# Swin: hierarchical stages; see the module docstring. SwinForImageClassification.swin is a SwinModel (with
+# its average-pooling "pooler", which has no parameters).
+SWIN = register_family(
+    ArchMapping(
+        family="swin",
+        blocks="",
+        stages="swin.encoder.layers",
+        stage_blocks="blocks",
+        stage_transition="downsample",
+        pre_blocks=("swin.embeddings",),
+        final_norm="swin.layernorm",
+        head="classifier",
+        **{**_VIT_BLOCK, "padded_norms": ("layernorm_before",)},
+        heads_from_attention=("num_attention_heads", "head_dim"),
+    ),
+    ("SwinForImageClassification",),
+    ("SwinModel",),
+    base_prefix="swin.",
 )

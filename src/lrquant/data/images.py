@@ -174,12 +174,24 @@ def preprocess(
     return out
 
 
-def model_preprocessing(model: object) -> dict[str, Any]:
+def model_preprocessing(model: object, processor: object = None) -> dict[str, Any]:
     """``{"mean", "std", "crop_pct"}`` for :func:`preprocess`: a timm model's ``pretrained_cfg`` values
-    (``model.pretrained_cfg``, a dict), else the ImageNet defaults."""
+    (``model.pretrained_cfg``, a dict); else a transformers image processor's ``image_mean`` /
+    ``image_std`` / ``crop_pct`` (the model folder's ``preprocessor_config.json``, e.g. Swin's or ViT's),
+    where it normalises; else the ImageNet defaults. Resizing and cropping stay :func:`preprocess`'s."""
     cfg = getattr(model, "pretrained_cfg", None)
-    cfg = cfg if isinstance(cfg, dict) else {}
-    return {"mean": tuple(cfg.get("mean") or IMAGENET_MEAN), "std": tuple(cfg.get("std") or IMAGENET_STD),
+    cfg = dict(cfg) if isinstance(cfg, dict) else {}
+    if not cfg and processor is not None and getattr(processor, "do_normalize", True) is not False:
+        cfg = {"mean": getattr(processor, "image_mean", None), "std": getattr(processor, "image_std", None),
+               "crop_pct": getattr(processor, "crop_pct", None)}
+    def rgb(value: Any, default: tuple[float, ...]) -> tuple[float, ...]:
+        value = default if value is None else value
+        value = (value,) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+        if len(value) != 3:
+            raise DataError(f"normalisation needs one mean/std per RGB channel, got {value}")
+        return value
+
+    return {"mean": rgb(cfg.get("mean"), IMAGENET_MEAN), "std": rgb(cfg.get("std"), IMAGENET_STD),
             "crop_pct": float(cfg.get("crop_pct") or DEFAULT_CROP_PCT)}
 
 

@@ -49,7 +49,7 @@ def channel_stats(ctx: BlockContext, pairs: tuple[SmoothPair, ...]) -> dict[str,
     query heads of each group); ``qk``: not collected (initialised to ones).
     """
     stats: dict[str, dict[str, torch.Tensor]] = {}
-    n, kv, hd = ctx.mapping.heads(ctx.config)
+    n, kv, hd = ctx.mapping.heads(ctx.config, ctx.block)
 
     def hook_for(pair: SmoothPair):
         def hook(_m: nn.Module, args: tuple) -> None:
@@ -77,7 +77,7 @@ def weight_absmax(ctx: BlockContext, pair: SmoothPair) -> torch.Tensor:
     """Max |W| per input channel over the pair's next linears (``heads``: reduced to kv channels)."""
     w = torch.cat([ctx.block.get_submodule(n).weight.detach().abs() for n in pair.nexts], 0).amax(0).float()
     if pair.kind == "heads":
-        n, kv, hd = ctx.mapping.heads(ctx.config)
+        n, kv, hd = ctx.mapping.heads(ctx.config, ctx.block)
         w = w.reshape(kv, n // kv, hd).amax(1).reshape(-1)
     return w
 
@@ -126,7 +126,7 @@ class LearnedMethod(Method):
             with torch.no_grad(), quantization_disabled(ctx.block):
                 from ..engine import run_stream
 
-                out.append((run_stream(ctx.block, ctx.q_in, ctx.kwargs, ctx.device), w))
+                out.append((run_stream(ctx.block, ctx.q_in, ctx.kwargs, ctx.device, args=ctx.args), w))
         return out
 
     # ---- the loop -----------------------------------------------------------------------------------

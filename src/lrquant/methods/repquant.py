@@ -17,7 +17,8 @@ Per block:
    ratios ``r`` go into the norm weight and the next linears' columns, the zero-point offsets ``o`` into
    the norm bias and the next linears' biases (:mod:`lrquant.quant.dualclip`). RMSNorm has no bias, so on
    RMSNorm models the quantizer runs with one shared integer zero point per tensor from the start and
-   only ``r`` is folded (exact too); the same when a next linear has no bias. No bias is ever added.
+   only ``r`` is folded (exact too); the same when a next linear has no bias or the block may zero-pad
+   the norm output (``mapping.padded_norms``: Swin's attention norm). No bias is ever added.
 3. **Quantize the changed weights.** ``W' = W diag(r)`` is frozen on its grid with the learned clipping.
 4. **Integer-friendly softmax.** The log√2 quantizer is swapped for its log2 shift form
    (:class:`Log2ShiftQuantizer`: ``2^(-floor(c/2))`` with a ``1/√2`` correction on odd codes), which gives
@@ -158,10 +159,12 @@ def norm_pairs(mapping: ArchMapping) -> tuple[SmoothPair, ...]:
 
 
 def per_channel_offsets_possible(block: nn.Module, pair: SmoothPair, mapping: ArchMapping) -> bool:
-    """Zero-point offsets fold only into a LayerNorm with a bias whose next linears all have biases."""
+    """Zero-point offsets fold only into a LayerNorm with a bias whose next linears all have biases, and
+    whose output is never zero-padded before them (``mapping.padded_norms``)."""
     norm = block.get_submodule(pair.prev)
     linears = [block.get_submodule(n) for n in pair.nexts]
-    return (mapping.norm_kind == "layer" and getattr(norm, "bias", None) is not None
+    return (mapping.norm_kind == "layer" and pair.prev not in mapping.padded_norms
+            and getattr(norm, "bias", None) is not None
             and all(getattr(lin, "bias", None) is not None for lin in linears))
 
 

@@ -16,7 +16,7 @@ def quantize_weights_rtn(model: nn.Module, scheme: Scheme) -> nn.Module:
     :class:`QuantLinear` (weights on their min-max grid; dynamic activation quantizers need no data).
     For static activations or KV quantization use :func:`lrquant.quantize` with method ``rtn``."""
     mapping = get_mapping(model)
-    for block in model.get_submodule(mapping.blocks):
+    for _, block in mapping.block_list(model):
         for path in mapping.linears():
             ql = QuantLinear(block.get_submodule(path), scheme.weights, scheme.input_activations)
             ql.freeze()

@@ -44,7 +44,7 @@ class SmoothQuant(Method):
         stats = channel_stats(ctx, pairs)
         for pair in pairs:
             scale, _ = init_scale_shift(ctx, pair, stats, alpha, use_shift=False)
-            ScaleShift(pair, ctx.mapping, ctx.config, scale).attach(ctx.block)
+            ScaleShift(pair, ctx.mapping, ctx.config, scale, block=ctx.block).attach(ctx.block)
         fold_block(ctx.block)
         self.freeze_weights(ctx.block)
         self.calibrate_static(ctx)
@@ -74,7 +74,7 @@ class OmniQuant(LearnedMethod):
         return init_scale_shift(ctx, pair, stats, float(self.options.get("alpha", 0.5)), use_shift)
 
     def make_transform(self, ctx: BlockContext, pair: SmoothPair, scale, shift) -> Transform:
-        return ScaleShift(pair, ctx.mapping, ctx.config, scale, shift)
+        return ScaleShift(pair, ctx.mapping, ctx.config, scale, shift, block=ctx.block)
 
     def make_transforms(self, ctx: BlockContext) -> list[Transform]:
         if not self.let_enabled():
@@ -100,5 +100,6 @@ class AffineQuant(OmniQuant):
 
     def make_transform(self, ctx: BlockContext, pair: SmoothPair, scale, shift) -> Transform:
         if pair.kind == "heads" and shift is None:
-            return HeadAffine(pair, ctx.mapping, ctx.config, scale, float(self.options.get("stability", 1e-2)))
-        return ScaleShift(pair, ctx.mapping, ctx.config, scale, shift)
+            return HeadAffine(pair, ctx.mapping, ctx.config, scale, float(self.options.get("stability", 1e-2)),
+                              block=ctx.block)
+        return ScaleShift(pair, ctx.mapping, ctx.config, scale, shift, block=ctx.block)

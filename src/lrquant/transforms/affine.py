@@ -41,14 +41,15 @@ def band_for_epoch(epoch: int, epochs: int, dim: int) -> int:
 
 
 class HeadAffine(Transform):
-    """Learnable ``A [KV, D, D]`` for a ``heads`` pair, initialised to ``diag(scale)``."""
+    """Learnable ``A [KV, D, D]`` for a ``heads`` pair, initialised to ``diag(scale)``. ``block``: the block
+    the transform is for, needed when head counts differ per block (``mapping.heads_from_attention``)."""
 
     def __init__(self, pair: SmoothPair, mapping: ArchMapping, config, scale: torch.Tensor,
-                 stability: float = 1e-2) -> None:
+                 stability: float = 1e-2, block: nn.Module | None = None) -> None:
         super().__init__(pair, mapping)
         if pair.kind != "heads":
             raise ValueError("HeadAffine only folds exactly at a v -> o (heads) pair")
-        n, kv, hd = mapping.heads(config)
+        n, kv, hd = mapping.heads(config, block)
         self.n_heads, self.n_kv, self.head_dim, self.stability = n, kv, hd, stability
         self.matrix = nn.Parameter(torch.diag_embed(scale.detach().float().reshape(kv, hd)))
         self.register_buffer("mask", band_mask(hd, 0, stability), persistent=False)

@@ -252,6 +252,9 @@ class OnlineRotatedLinear(nn.Linear):
 # -------------------------------------------------------------------------------------------- checks
 def rotation_problem(model: nn.Module, mapping: ArchMapping) -> str | None:
     """Why ``model`` cannot be rotated exactly (None when it can)."""
+    if mapping.stages is not None:
+        return ("rotation needs one residual stream width; stage transitions (patch merging) change it "
+                "between stages")
     if mapping.norm_kind == "layer":
         return ("rotation needs RMSNorm; LayerNorm subtracts the mean, which a residual rotation does not "
                 "preserve (SliceGPT-style conversion to RMSNorm is not implemented)")
@@ -268,8 +271,7 @@ def rotation_problem(model: nn.Module, mapping: ArchMapping) -> str | None:
 
 
 def _all_linears(model: nn.Module, mapping: ArchMapping) -> list[str]:
-    blocks = model.get_submodule(mapping.blocks)
-    paths = [f"{mapping.blocks}.{i}.{lin}" for i in range(len(blocks)) for lin in mapping.linears()]
+    paths = [f"{name}.{lin}" for name, _ in mapping.block_list(model) for lin in mapping.linears()]
     return [*paths, mapping.head] if mapping.head is not None else paths
 
 
@@ -339,7 +341,7 @@ def fuse_norms(model: nn.Module, mapping: ArchMapping) -> None:
         raise UnsupportedArchitectureError(f"{mapping.family}: fuse_norms handles RMS norms only, not LayerNorm")
     identity = 0.0 if mapping.norm_kind == "rms_plus_one" else 1.0
     pairs: list[tuple[nn.Module, list[nn.Linear]]] = []
-    for block in model.get_submodule(mapping.blocks):
+    for _, block in mapping.block_list(model):
         pairs.append((block.get_submodule(mapping.attn_norm),
                       [block.get_submodule(p) for p in (mapping.q, mapping.k, mapping.v)]))
         pairs.append((block.get_submodule(mapping.mlp_norm), [block.get_submodule(p) for p in mapping.mlp_in]))
@@ -381,10 +383,8 @@ def _rotate_fused(model: nn.Module, mapping: ArchMapping, seed: int, online_valu
     emb = model.get_submodule(mapping.embed_tokens)
     _set(emb.weight, resid(emb.weight.double()))
     _mul_in(model.get_submodule(mapping.head), resid)
-    n_heads, _, head_dim = mapping.heads(model.config)
     online: list[str] = []
-    for i, block in enumerate(model.get_submodule(mapping.blocks)):
-        prefix = f"{mapping.blocks}.{i}"
+    for prefix, block in mapping.block_list(model):
         for path in (mapping.q, mapping.k, mapping.v, *mapping.mlp_in):
             _mul_in(block.get_submodule(path), resid)
         o, down = block.get_submodule(mapping.o), block.get_submodule(mapping.mlp_out)
@@ -397,6 +397,7 @@ def _rotate_fused(model: nn.Module, mapping: ArchMapping, seed: int, online_valu
         online.append(f"{prefix}.{mapping.mlp_out}.input_transform")
 
         if online_value:
+            n_heads, _, head_dim = mapping.heads(model.config, block)
             _rotate_value(block, mapping, n_heads, head_dim)
             online.append(f"{prefix}.{mapping.o}.input_transform")
     return online

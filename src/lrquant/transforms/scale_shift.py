@@ -16,7 +16,8 @@ qk       q rows ``* s`` (per kv group)          k rows ``/ s``; with RoPE ``s`` 
 =======  ====================================  ==============================================
 
 Shifts are exact only where the target tensors already carry a bias (LayerNorm -> biased linears,
-biased v -> biased o; P rows sum to 1 so attention passes a constant shift through). We never add a
+biased v -> biased o; P rows sum to 1 so attention passes a constant shift through), and not after a
+norm whose output the block may zero-pad (``mapping.padded_norms``, Swin's attention norm). We never add a
 bias the architecture lacks (the checkpoint would no longer load), so RMSNorm models learn scales only.
 ``linear`` (up -> down through ``act(gate) * up``, or fc1 -> ReLU -> fc2) is exact for scales only.
 """
@@ -45,7 +46,7 @@ def pair_channels(pair: SmoothPair, mapping: ArchMapping, block: nn.Module, conf
         return block.get_submodule(pair.nexts[0]).in_features
     if pair.kind in ("linear", "heads"):
         return block.get_submodule(pair.prev).out_features
-    _, n_kv, hd = mapping.heads(config)
+    _, n_kv, hd = mapping.heads(config, block)
     return n_kv * (hd // 2 if mapping.rope else hd)
 
 
@@ -53,7 +54,8 @@ def shift_possible(pair: SmoothPair, mapping: ArchMapping, block: nn.Module) -> 
     """Whether a shift folds exactly into existing biases at ``pair``."""
     nexts = [block.get_submodule(n) for n in pair.nexts]
     if pair.kind == "norm":
-        return mapping.norm_kind == "layer" and all(ensure_bias(n) for n in nexts)
+        return (mapping.norm_kind == "layer" and pair.prev not in mapping.padded_norms
+                and all(ensure_bias(n) for n in nexts))
     if pair.kind == "heads":
         return ensure_bias(block.get_submodule(pair.prev)) and all(ensure_bias(n) for n in nexts)
     return False
@@ -63,15 +65,16 @@ class ScaleShift(Transform):
     """Learnable diagonal transform for one pair. ``scale``: ``[C]``; ``shift``: ``[C]`` or ``None``.
 
     ``C`` is the prev's channel count, except for ``qk`` where it is ``KV * D`` (or ``KV * D / 2`` with
-    RoPE, expanded to both halves of each head).
+    RoPE, expanded to both halves of each head). ``block``: the block the transform is for, needed when
+    head counts differ per block (``mapping.heads_from_attention``, e.g. Swin's stages).
     """
 
     def __init__(self, pair: SmoothPair, mapping: ArchMapping, config, scale: torch.Tensor,
-                 shift: torch.Tensor | None = None) -> None:
+                 shift: torch.Tensor | None = None, block: nn.Module | None = None) -> None:
         super().__init__(pair, mapping)
         self.scale = nn.Parameter(scale.detach().clone().float())
         self.shift = nn.Parameter(shift.detach().clone().float()) if shift is not None else None
-        n, kv, hd = mapping.heads(config)
+        n, kv, hd = mapping.heads(config, block)
         self.register_buffer("gqa_index", kv_group_index(n, kv, hd), persistent=False)
         self.n_kv, self.head_dim = kv, hd
 
