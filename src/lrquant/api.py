@@ -484,14 +484,14 @@ def run_vision(
     key = "first" if pairs is not None else "logits"
     results["feature_cosine"] = float(torch.nn.functional.cosine_similarity(fp_out[key], q_out[key], dim=-1).mean())
     results["peak_rss_gb"] = round(peak_rss_gb(), 3)
-    if save_model and get_mapping(model).family == "timm_vit":  # timm's layout: config.json + model.safetensors
-        from .arch.timm_vit import fuse_tensor_names, save_timm
-
-        save_timm(model, out / "model")
-        atomic_save_tensors(out / "qparams.safetensors", fuse_tensor_names(quant_state(model)))
-    elif save_model:
-        _save_model(model, processor, out / "model")
-        atomic_save_tensors(out / "qparams.safetensors", quant_state(model))
+    if save_model:  # a family may declare its own checkpoint layout (timm: config.json + model.safetensors)
+        extra = get_mapping(model).extra
+        if "save_model" in extra:
+            extra["save_model"](model, out / "model")
+        else:
+            _save_model(model, processor, out / "model")
+        rename = extra.get("rename_qparams", lambda tensors: tensors)
+        atomic_save_tensors(out / "qparams.safetensors", rename(quant_state(model)))
     atomic_write_json(out / "results.json", results)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     return RunResult(results, model, processor)

@@ -344,7 +344,9 @@ TIMM_VIT_MAPPING = register(
         rope=False,
         encoder=True,
         n_kv_heads_attr=None,
-        extra={"prepare": prepare},
+        # prepare: split qkv; save_model / rename_qparams: write runs back in timm's fused layout
+        extra={"prepare": prepare, "save_model": lambda model, target: save_timm(model, target),
+               "rename_qparams": lambda tensors: fuse_tensor_names(tensors)},
     ),
     TIMM_VIT,
 )
