@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_transforms import attach_random
 from timm_support import import_timm
 from torch import nn
 
@@ -33,8 +34,7 @@ from lrquant.config import CalibArgs, Recipe, Scheme, TrainArgs
 from lrquant.errors import LrquantError, UnsupportedArchitectureError
 from lrquant.quant.attention import AttentionQuantizer
 from lrquant.quant.quantizers import QuantLinear
-from lrquant.transforms import HeadAffine, ScaleShift, fold_block
-from lrquant.transforms.scale_shift import pair_channels, shift_possible
+from lrquant.transforms import fold_block
 
 timm = import_timm()
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
@@ -193,24 +193,6 @@ def test_fuse_tensor_names():
 # ---- exact folds -------------------------------------------------------------------------------------
 
 
-def _attach_random(model: nn.Module, block: nn.Module, gen: torch.Generator, affine: bool) -> None:
-    """Random scale (and shift where it folds) at every smooth pair of ``block`` (float64)."""
-    mapping = get_mapping(model)
-    for pair in mapping.smooth_pairs():
-        c = pair_channels(pair, mapping, block, model.config)
-        scale = torch.rand(c, generator=gen, dtype=torch.float64) * 1.5 + 0.5
-        shift = torch.randn(c, generator=gen, dtype=torch.float64) * 0.3 if shift_possible(
-            pair, mapping, block) else None
-        if affine and pair.kind == "heads" and shift is None:
-            t = HeadAffine(pair, mapping, model.config, scale, stability=1.0)
-            with torch.no_grad():
-                t.matrix.add_(torch.randn(t.matrix.shape, generator=gen, dtype=torch.float64) * 0.1)
-            t.set_epoch(0, 1)  # full band
-        else:
-            t = ScaleShift(pair, mapping, model.config, scale, shift)
-        t.double().attach(block)
-
-
 @pytest.mark.parametrize("affine", [False, True], ids=["scale_shift", "affine"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fold_is_exact_in_float64(variant, affine):
@@ -220,7 +202,7 @@ def test_fold_is_exact_in_float64(variant, affine):
         ref = model(x)
         gen = torch.Generator().manual_seed(5)
         for block in model.get_submodule(get_mapping(model).blocks):
-            _attach_random(model, block, gen, affine)
+            attach_random(model, block, gen, affine)
         temporary = model(x)
         for block in model.blocks:
             fold_block(block)

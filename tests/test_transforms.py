@@ -20,9 +20,10 @@ from lrquant.transforms.scale_shift import pair_channels, shift_possible
 IDS = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
-def _attach_random(model, block_index: int, gen: torch.Generator, affine: bool) -> list:
+def attach_random(model, block, gen: torch.Generator, affine: bool) -> list:
+    """Random float64 scales (and shifts where they fold; per-head matrices at v -> o with ``affine``) at
+    every smooth pair of ``block``; returns the attached transforms. Shared with tests/test_timm.py."""
     mapping = get_mapping(model)
-    block = model.get_submodule(mapping.blocks)[block_index]
     transforms = []
     for pair in mapping.smooth_pairs():
         c = pair_channels(pair, mapping, block, model.config)
@@ -51,8 +52,8 @@ def test_fold_is_exact_in_float64(case, affine):
     with torch.no_grad():
         ref = model(IDS, use_cache=False).logits
         gen = torch.Generator().manual_seed(5)
-        for i in range(len(model.get_submodule(get_mapping(model).blocks))):
-            _attach_random(model, i, gen, affine)
+        for block in model.get_submodule(get_mapping(model).blocks):
+            attach_random(model, block, gen, affine)
         temporary = model(IDS, use_cache=False).logits
         for block in model.get_submodule(get_mapping(model).blocks):
             fold_block(block)
@@ -101,7 +102,7 @@ def test_training_path_equals_folded_path():
     for q in block.modules():
         if hasattr(q, "upbound_factor") and q.upbound_factor is not None:
             q.double()
-    _attach_random(model, 0, torch.Generator().manual_seed(9), affine=False)
+    attach_random(model, block, torch.Generator().manual_seed(9), affine=False)
     with torch.no_grad():
         temporary = block(x, **kwargs)
         fold_block(block)

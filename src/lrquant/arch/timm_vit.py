@@ -69,6 +69,7 @@ from torch import nn
 
 from ..errors import LrquantError, UnsupportedArchitectureError
 from .base import ArchMapping, register
+from .vision import VIT_BLOCK
 
 TIMM_VIT = "timm.models.vision_transformer.VisionTransformer"
 TIMM_BLOCK = "timm.models.vision_transformer.Block"
@@ -331,19 +332,9 @@ TIMM_VIT_MAPPING = register(
         pre_blocks=("",),  # patch_embed plus cls/reg tokens and pos_embed, parameters of the root
         final_norm="norm",
         head="head",
-        q="attn.q_proj",
-        k="attn.k_proj",
-        v="attn.v_proj",
-        o="attn.o_proj",
-        mlp_in=("mlp.fc1",),
-        mlp_out="mlp.fc2",
-        gated_mlp=False,
-        attn_norm="norm1",
-        mlp_norm="norm2",
-        norm_kind="layer",
-        rope=False,
-        encoder=True,
-        n_kv_heads_attr=None,
+        # the ViT block layout (pre-LN, LayerNorm -> q/k/v, fc1 -> GELU -> fc2, no RoPE, MHA) at timm's paths
+        **{**VIT_BLOCK, "q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.o_proj",
+           "attn_norm": "norm1", "mlp_norm": "norm2"},
         # prepare: split qkv; save_model / rename_qparams: write runs back in timm's fused layout
         extra={"prepare": prepare, "save_model": lambda model, target: save_timm(model, target),
                "rename_qparams": lambda tensors: fuse_tensor_names(tensors)},

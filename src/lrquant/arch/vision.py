@@ -52,7 +52,7 @@ from typing import Any
 from .base import ArchMapping, register_family
 
 # Block-level layout shared by ViT and DeiT (ViTLayer / DeiTLayer).
-_VIT_BLOCK: dict[str, Any] = dict(
+VIT_BLOCK: dict[str, Any] = dict(
     q="attention.q_proj",
     k="attention.k_proj",
     v="attention.v_proj",
@@ -77,7 +77,7 @@ VIT = register_family(
         pre_blocks=("vit.embeddings",),
         final_norm="vit.layernorm",
         head="classifier",
-        **_VIT_BLOCK,
+        **VIT_BLOCK,
     ),
     ("ViTForImageClassification",),
     ("ViTModel",),
@@ -91,7 +91,7 @@ DEIT = register_family(
         pre_blocks=("deit.embeddings",),
         final_norm="deit.layernorm",
         head="classifier",
-        **_VIT_BLOCK,
+        **VIT_BLOCK,
     ),
     ("DeiTForImageClassification",),
     ("DeiTModel",),
@@ -105,7 +105,7 @@ register_family(
         pre_blocks=("deit.embeddings",),
         final_norm="deit.layernorm",
         head=None,  # two heads: cls_classifier and distillation_classifier
-        **_VIT_BLOCK,
+        **VIT_BLOCK,
     ),
     ("DeiTForImageClassificationWithTeacher",),
 )
@@ -126,7 +126,7 @@ DINOV2 = register_family(
         pre_blocks=("dinov2.embeddings",),
         final_norm="dinov2.layernorm",
         head="classifier",
-        **{**_VIT_BLOCK, "attn_norm": "norm1", "mlp_norm": "norm2"},
+        **{**VIT_BLOCK, "attn_norm": "norm1", "mlp_norm": "norm2"},
         config_check=_dinov2_config_problem,
         # pretrained at 518 px; position embeddings are interpolated and the checkpoints are evaluated at 224
         extra={"eval_image_size": 224},
@@ -149,7 +149,7 @@ SWIN = register_family(
         pre_blocks=("swin.embeddings",),
         final_norm="swin.layernorm",
         head="classifier",
-        **{**_VIT_BLOCK, "padded_norms": ("layernorm_before",)},
+        **{**VIT_BLOCK, "padded_norms": ("layernorm_before",)},
         heads_from_attention=("num_attention_heads", "head_dim"),
     ),
     ("SwinForImageClassification",),
