@@ -14,6 +14,9 @@ timm models (vision jobs only, :func:`load_timm`), by a ``timm:`` prefix:
   e.g. ``timm.models.save_for_hf`` output or the ``model/`` folder of a finished timm lrquant run.
 
 Importing timm needs an importable torchvision built for the installed torch.
+
+:func:`load_model` runs the family's model preparation once (:func:`lrquant.arch.prepare_model`: timm
+ViTs get their fused ``qkv`` split into q/k/v), so the mapping lookups that follow never change the model.
 """
 
 from __future__ import annotations
@@ -107,7 +110,8 @@ TIMM_PREFIX = "timm:"
 
 def load_timm(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, str]:
     """``(model in eval mode on CPU, display name)`` for ``spec`` = ``<name>``, ``<name>@<file>`` or
-    ``<folder>`` (the part after ``timm:``, see the module docstring)."""
+    ``<folder>`` (the part after ``timm:``, see the module docstring). The model is as timm builds it, not
+    yet prepared (:func:`load_model` prepares it)."""
     try:
         import timm
     except Exception as exc:  # noqa: BLE001  (a torchvision built for another torch raises RuntimeError)
@@ -146,15 +150,18 @@ def load_model(
 
     ``kind``: ``causal-lm`` (AutoModelForCausalLM + AutoTokenizer) or ``vision`` (AutoModel /
     image classifiers + AutoImageProcessor when available; ``timm:...`` names load timm models, with no
-    processor, see :func:`load_timm`).
+    processor, see :func:`load_timm`). The model is prepared for its mapping
+    (:func:`lrquant.arch.prepare_model`).
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from .arch import prepare_model
 
     if name_or_path.startswith(TIMM_PREFIX):
         if kind != "vision":
             raise LrquantError(f"{name_or_path}: timm models are image models; calibrate on an image folder")
         model, name = load_timm(name_or_path[len(TIMM_PREFIX):], dtype)
-        return model, None, name
+        return prepare_model(model), None, name
     path, name = resolve_model_path(name_or_path)
     try:
         if kind == "causal-lm":
@@ -177,4 +184,4 @@ def load_model(
     except OSError as exc:
         raise LrquantError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
     model.eval()
-    return model, processor, name
+    return prepare_model(model), processor, name

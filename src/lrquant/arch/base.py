@@ -14,14 +14,23 @@ block a transition runs.
 
 Paths are dotted attribute paths: model-level paths from the top-level model object, block-level
 paths relative to one block.
+
+Looking a mapping up never changes the model. A family whose checkpoints do not have the layout its
+mapping describes (timm's fused ``qkv``) declares a :class:`ModelPreparation`: :func:`prepare_model`
+runs it once, at model load (:func:`lrquant.models.load_model` does), and :func:`get_mapping` refuses a
+model that was not prepared. A family that writes its finished models in a layout of its own declares a
+:class:`CheckpointLayout`.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
@@ -39,6 +48,38 @@ class SmoothPair:
     prev: str
     nexts: tuple[str, ...]
     kind: str
+
+
+class ModelPreparation(ABC):
+    """A one-time change that brings a family's models into the layout its mapping describes (timm ViTs:
+    the fused ``qkv`` split into q/k/v). :func:`prepare_model` runs it; :func:`get_mapping` only asks."""
+
+    @abstractmethod
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Bring ``model`` into the prepared layout, in place and idempotently; raise
+        :class:`UnsupportedArchitectureError` before changing anything when it cannot."""
+
+    @abstractmethod
+    def problem(self, model: nn.Module) -> str | None:
+        """Why ``model`` is not in the prepared layout (None when it is). Reads the model only."""
+
+    def specialize(self, model: nn.Module, mapping: ArchMapping) -> ArchMapping:
+        """The mapping that describes the prepared ``model`` (default: ``mapping`` itself). Reads the
+        model only."""
+        return mapping
+
+
+class CheckpointLayout(ABC):
+    """How a family's finished models are written when transformers' ``save_pretrained`` does not apply
+    (timm: its own ``local-dir`` layout with q/k/v fused again)."""
+
+    @abstractmethod
+    def save_model(self, model: nn.Module, target: Path) -> Path:
+        """Write ``model`` (quantized or not) to the folder ``target``, atomically; returns ``target``."""
+
+    @abstractmethod
+    def rename_qparams(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Quantization parameters keyed by the in-memory module names, renamed to this layout's names."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +129,10 @@ class ArchMapping:
     stage_transition: str | None = None          # module run on a stage's output (may be None on a stage)
     # config -> why this static mapping does not describe it (None when it does)
     config_check: Callable[[Any], str | None] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    # ---- loading, evaluation, saving ---------------------------------------------------------------
+    preparation: ModelPreparation | None = None  # run once at model load (:func:`prepare_model`)
+    checkpoint_layout: CheckpointLayout | None = None  # None: transformers' save_pretrained
+    eval_image_size: int | None = None           # vision: input side to evaluate at (None: the config's)
 
     def __post_init__(self) -> None:
         if bool(self.blocks) == (self.stages is not None):
@@ -209,28 +253,46 @@ def supported() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_mapping(model: nn.Module) -> ArchMapping:
+def _registered(model: nn.Module) -> ArchMapping | None:
     """The mapping registered for ``type(model)`` or its nearest registered base class (qualified
-    ``module.QualName`` first, then the bare class name).
-
-    A mapping whose ``extra`` holds a ``prepare`` hook (``(model, mapping) -> mapping``) first brings the
-    model into the layout it describes, in place and idempotently (timm ViTs: fused qkv split into
-    q/k/v, see :mod:`lrquant.arch.timm_vit`), and the hook's mapping is returned."""
+    ``module.QualName`` first, then the bare class name); None when there is none."""
     from . import families, timm_vit, vision  # noqa: F401  (registers the built-in families)
 
     for cls in type(model).__mro__:
         mapping = _REGISTRY.get(f"{cls.__module__}.{cls.__qualname__}") or _REGISTRY.get(cls.__name__)
         if mapping is not None:
-            prepare = mapping.extra.get("prepare")
-            if prepare is not None:
-                mapping = prepare(model, mapping)
-            config = getattr(model, "config", None)
-            if config is not None:
-                check_config(mapping, config.get_text_config() if hasattr(config, "get_text_config") else config)
             return mapping
-    raise UnsupportedArchitectureError(
-        f"unsupported architecture {type(model).__name__}; supported: {', '.join(supported())}"
-    )
+    return None
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """Run the :class:`ModelPreparation` of ``model``'s family, in place (idempotent; models of families
+    without one and of unregistered classes are returned as they are). Call it once after loading a
+    model; :func:`lrquant.models.load_model` does."""
+    mapping = _registered(model)
+    if mapping is not None and mapping.preparation is not None:
+        mapping.preparation.prepare(model)
+    return model
+
+
+def get_mapping(model: nn.Module) -> ArchMapping:
+    """The mapping that describes ``model`` (see :func:`_registered` for the lookup); the model is not
+    changed. Raises :class:`UnsupportedArchitectureError` for unregistered classes, configs the mapping
+    does not describe and models whose family needs a preparation that was not run (:func:`prepare_model`)."""
+    mapping = _registered(model)
+    if mapping is None:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture {type(model).__name__}; supported: {', '.join(supported())}"
+        )
+    if mapping.preparation is not None:
+        problem = mapping.preparation.problem(model)
+        if problem:
+            raise UnsupportedArchitectureError(f"{mapping.family}: {problem}")
+        mapping = mapping.preparation.specialize(model, mapping)
+    config = getattr(model, "config", None)
+    if config is not None:
+        check_config(mapping, config.get_text_config() if hasattr(config, "get_text_config") else config)
+    return mapping
 
 
 def check_config(mapping: ArchMapping, config: Any) -> None:

@@ -129,7 +129,7 @@ DINOV2 = register_family(
         **{**VIT_BLOCK, "attn_norm": "norm1", "mlp_norm": "norm2"},
         config_check=_dinov2_config_problem,
         # pretrained at 518 px; position embeddings are interpolated and the checkpoints are evaluated at 224
-        extra={"eval_image_size": 224},
+        eval_image_size=224,
     ),
     ("Dinov2ForImageClassification",),
     ("Dinov2Model",),
