@@ -420,7 +420,7 @@ def run_vision(
 
     timm models (``timm:...`` names, see :func:`lrquant.models.load_timm`): normalisation and crop from
     their ``pretrained_cfg``; the quantized model is saved in timm's own layout (q/k/v re-fused into
-    ``qkv``, :func:`lrquant.arch.timm_vit.save_timm`), loadable again as ``timm:<run>/model``."""
+    ``qkv``, :func:`lrquant.arch.timm_checkpoint.save_timm`), loadable again as ``timm:<run>/model``."""
     from .arch.base import get_mapping
     from .data.images import calibration_images, load_image_folder, model_preprocessing, preprocess, two_crop_pairs
     from .eval.vision import embed, input_name, logits, retrieval_top1_from_embeddings
@@ -435,7 +435,7 @@ def run_vision(
     out.mkdir(parents=True, exist_ok=True)
     recipe.save(out / "recipe.yaml")
     model, processor, display = load_model(model_name, kind="vision")
-    size = image_size or get_mapping(model).extra.get("eval_image_size")
+    size = image_size or get_mapping(model).eval_image_size
     size = size or getattr(getattr(model, "config", None), "image_size", 224)
     size = size if isinstance(size, int) else 224
     c = recipe.calib
@@ -485,13 +485,13 @@ def run_vision(
     results["feature_cosine"] = float(torch.nn.functional.cosine_similarity(fp_out[key], q_out[key], dim=-1).mean())
     results["peak_rss_gb"] = round(peak_rss_gb(), 3)
     if save_model:  # a family may declare its own checkpoint layout (timm: config.json + model.safetensors)
-        extra = get_mapping(model).extra
-        if "save_model" in extra:
-            extra["save_model"](model, out / "model")
+        layout = get_mapping(model).checkpoint_layout
+        if layout is not None:
+            layout.save_model(model, out / "model")
         else:
             _save_model(model, processor, out / "model")
-        rename = extra.get("rename_qparams", lambda tensors: tensors)
-        atomic_save_tensors(out / "qparams.safetensors", rename(quant_state(model)))
+        qparams = quant_state(model)
+        atomic_save_tensors(out / "qparams.safetensors", layout.rename_qparams(qparams) if layout else qparams)
     atomic_write_json(out / "results.json", results)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     return RunResult(results, model, processor)
