@@ -1,5 +1,6 @@
 """timm ``VisionTransformer``: the reversible q/k/v split (exact forward in float64, exact re-fuse to
-timm's layout), the mapping, exact folds, every method through the engine at W4A4 with Q/K/V
+timm's layout), the preparation (run once at load; the mapping lookup never changes the model), the
+mapping, timm's checkpoint layout, exact folds, every method through the engine at W4A4 with Q/K/V
 quantized, and a CLI run on a tiny timm model and a tiny image folder.
 
 timm is imported with :mod:`timm_support` (a torchvision stand-in when the real one cannot be
@@ -20,16 +21,10 @@ from timm_support import import_timm
 from torch import nn
 
 from lrquant import api
-from lrquant.arch import get_mapping, supported
-from lrquant.arch.timm_vit import (
-    TIMM_VIT,
-    SplitQKVAttention,
-    TimmViTConfig,
-    fuse_qkv,
-    fuse_tensor_names,
-    fused_state_dict,
-    split_qkv,
-)
+from lrquant.arch import get_mapping, prepare_model, supported
+from lrquant.arch.timm_attention import SplitQKVAttention
+from lrquant.arch.timm_checkpoint import TIMM_CHECKPOINT, fuse_tensor_names, fused_state_dict, save_timm
+from lrquant.arch.timm_vit import TIMM_QKV_SPLIT, TIMM_VIT, TimmViTConfig, fuse_qkv, split_qkv
 from lrquant.config import CalibArgs, Recipe, Scheme, TrainArgs
 from lrquant.errors import LrquantError, UnsupportedArchitectureError
 from lrquant.quant.attention import AttentionQuantizer
@@ -49,8 +44,10 @@ VARIANTS = {
 }
 
 
-def tiny_vit(variant: str = "plain", seed: int = 0, fused_attn: bool = True, **extra) -> VisionTransformer:
-    """A tiny random timm ViT, every parameter perturbed (norm gains, layer scales, biases off their init)."""
+def tiny_vit(variant: str = "plain", seed: int = 0, fused_attn: bool = True, prepared: bool = True, **extra
+             ) -> VisionTransformer:
+    """A tiny random timm ViT, every parameter perturbed (norm gains, layer scales, biases off their init);
+    ``prepared``: with its preparation run (q/k/v split), as :func:`lrquant.models.load_model` gives it."""
     torch.manual_seed(seed)
     model = VisionTransformer(**TINY, **VARIANTS[variant], **extra)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -59,7 +56,7 @@ def tiny_vit(variant: str = "plain", seed: int = 0, fused_attn: bool = True, **e
             p.add_(torch.randn(p.shape, generator=gen) * 0.1)
     for block in model.blocks:
         block.attn.fused_attn = fused_attn
-    return model.eval()
+    return prepare_model(model.eval()) if prepared else model.eval()
 
 
 def pixels(n: int = 3, seed: int = 2, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -72,11 +69,12 @@ def pixels(n: int = 3, seed: int = 2, dtype: torch.dtype = torch.float32) -> tor
 @pytest.mark.parametrize("fused_attn", [True, False], ids=["sdpa", "explicit"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_split_forward_equals_timm_in_float64(variant, fused_attn):
-    model = tiny_vit(variant, fused_attn=fused_attn).double()
+    model = tiny_vit(variant, fused_attn=fused_attn, prepared=False).double()
     x = pixels(dtype=torch.float64)
     with torch.no_grad():
         ref = model(x)
-        mapping = get_mapping(model)  # runs the prepare hook: split in place
+        assert prepare_model(model) is model  # split in place
+        mapping = get_mapping(model)
         out = model(x)
     assert mapping.family == "timm_vit"
     assert all(isinstance(b.attn, SplitQKVAttention) and b.attn.fused_attn == fused_attn for b in model.blocks)
@@ -87,7 +85,7 @@ def test_split_forward_equals_timm_in_float64(variant, fused_attn):
 @pytest.mark.parametrize("fused_attn", [True, False], ids=["sdpa", "explicit"])
 def test_split_attention_masks_equal_timm(fused_attn):
     """Boolean and additive masks and is_causal go through exactly as in timm's Attention."""
-    model = tiny_vit("qk_norm", fused_attn=fused_attn).double()
+    model = tiny_vit("qk_norm", fused_attn=fused_attn, prepared=False).double()
     attn = model.blocks[0].attn
     ref_attn = copy.deepcopy(attn)
     split = SplitQKVAttention(attn)
@@ -102,7 +100,7 @@ def test_split_attention_masks_equal_timm(fused_attn):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_refuse_round_trip_is_exact(variant):
-    model = tiny_vit(variant)
+    model = tiny_vit(variant, prepared=False)
     ref_state = {k: v.clone() for k, v in model.state_dict().items()}
     x = pixels()
     with torch.no_grad():
@@ -139,6 +137,38 @@ def test_mapping_config_and_registry():
     assert TIMM_VIT in supported() and "VisionTransformer" not in supported()
     qk = get_mapping(tiny_vit("qk_norm"))
     assert qk.q_norm == "attn.q_norm" and "qk" not in {p.kind for p in qk.smooth_pairs()}
+    assert mapping.preparation is TIMM_QKV_SPLIT and mapping.checkpoint_layout is TIMM_CHECKPOINT
+    assert mapping.eval_image_size is None  # the config's image_size is the evaluation size
+
+
+def _structure(model: nn.Module) -> tuple:
+    """Everything get_mapping could change: module names and types, parameter objects and values, the
+    root's attributes (``config``)."""
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            [(n, p, p.detach().clone()) for n, p in model.named_parameters()], sorted(vars(model)))
+
+
+def _assert_same_structure(model: nn.Module, before: tuple) -> None:
+    after = _structure(model)
+    assert after[0] == before[0] and after[2] == before[2]
+    assert [(n, p) for n, p, _ in after[1]] == [(n, p) for n, p, _ in before[1]]
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(after[1], before[1], strict=True))
+
+
+def test_get_mapping_needs_the_preparation_and_leaves_the_model_untouched():
+    raw = tiny_vit("qk_norm", prepared=False)
+    before = _structure(raw)
+    with pytest.raises(UnsupportedArchitectureError, match=r"not split yet: call lrquant.arch.prepare_model"):
+        get_mapping(raw)
+    _assert_same_structure(raw, before)
+    assert not hasattr(raw, "config")
+    prepared = prepare_model(raw)
+    before = _structure(prepared)
+    first, second = get_mapping(prepared), get_mapping(prepared)
+    assert first == second and first.q_norm == "attn.q_norm"
+    _assert_same_structure(prepared, before)
+    prepare_model(prepared)  # idempotent
+    _assert_same_structure(prepared, before)
 
 
 def test_bare_class_name_lookup_still_works_and_torchvision_name_is_not_taken():
@@ -149,7 +179,7 @@ def test_bare_class_name_lookup_still_works_and_torchvision_name_is_not_taken():
     with pytest.raises(UnsupportedArchitectureError):
         get_mapping(other)
     # a qualified registration is found for subclasses through the MRO, before bare names
-    sub = type("MyViT", (VisionTransformer,), {})(**TINY)
+    sub = prepare_model(type("MyViT", (VisionTransformer,), {})(**TINY))
     assert get_mapping(sub).family == "timm_vit"
     assert LlamaForCausalLM.__name__ in supported()
 
@@ -173,6 +203,8 @@ def test_unsupported_layouts_are_refused_untouched(kwargs, message):
         resolved["norm_layer"] = getattr(timm.layers, resolved["norm_layer"])
     model = VisionTransformer(**TINY, **resolved)
     with pytest.raises(UnsupportedArchitectureError, match=message):
+        prepare_model(model)
+    with pytest.raises(UnsupportedArchitectureError, match=message):
         get_mapping(model)
     assert not any(isinstance(m, SplitQKVAttention) for m in model.modules()) and not hasattr(model, "config")
 
@@ -188,6 +220,26 @@ def test_fuse_tensor_names():
     t["blocks.0.attn.k_proj.input_scale"] = torch.full((1, 1), 2.0)
     with pytest.raises(LrquantError, match="differ"):
         fuse_tensor_names(t)
+
+
+def test_checkpoint_layout_writes_timm_weights(tmp_path):
+    """The mapping's checkpoint layout: ``model.safetensors`` loads strictly into the unsplit timm ViT and
+    computes the same; qparams renamed to timm's names."""
+    from safetensors.torch import load_file
+
+    model = tiny_vit("layerscale_bias")
+    assert TIMM_CHECKPOINT.save_model(model, tmp_path / "model") == tmp_path / "model"
+    assert {p.name for p in (tmp_path / "model").iterdir()} == {"config.json", "model.safetensors"}
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["num_classes"] == CLASSES
+    fresh = VisionTransformer(**TINY, **VARIANTS["layerscale_bias"]).eval()
+    fresh.load_state_dict(load_file(str(tmp_path / "model" / "model.safetensors")), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(pixels()), model(pixels()), atol=1e-6, rtol=1e-6)
+    scales = {f"blocks.0.attn.{r}_proj.weight_scale": torch.full((DIM, 1), float(i)) for i, r in enumerate("qkv")}
+    fused_names = {"blocks.0.attn.qkv.weight_scale"}
+    assert TIMM_CHECKPOINT.rename_qparams(scales).keys() == fused_names
+    save_timm(model, tmp_path / "with_qparams", qparams=scales)
+    assert load_file(str(tmp_path / "with_qparams" / "qparams.safetensors")).keys() == fused_names
 
 
 # ---- exact folds -------------------------------------------------------------------------------------
@@ -345,8 +397,9 @@ def test_load_timm_specs_and_preprocessing(tmp_path):
     prep = model_preprocessing(model)
     assert prep == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_pct": 0.9}  # vit_tiny's cfg
     assert model_preprocessing(nn.Linear(1, 1))["mean"] == IMAGENET_MEAN
-    get_mapping(model)
-    assert model.config.image_size == IMG
+    # prepared at load: q/k/v split, config attached; the mapping lookup has nothing left to do
+    assert all(isinstance(b.attn, SplitQKVAttention) for b in model.blocks)
+    assert model.config.image_size == IMG and get_mapping(model).family == "timm_vit"
     # <architecture>@<local weights file>: timm's pretrained path with a local file
     big = timm.create_model("vit_tiny_patch16_224", pretrained=False)
     from safetensors.torch import save_file
@@ -354,7 +407,9 @@ def test_load_timm_specs_and_preprocessing(tmp_path):
     save_file(big.state_dict(), str(tmp_path / "w.safetensors"))
     loaded, _, name = load_model(f"timm:vit_tiny_patch16_224@{tmp_path / 'w.safetensors'}", kind="vision")
     assert name == "vit_tiny_patch16_224@w"
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in big.state_dict().items())
+    fused = fused_state_dict(loaded)  # the split model's weights in timm's layout: the file's weights
+    assert fused.keys() == big.state_dict().keys()
+    assert all(torch.equal(fused[k], v) for k, v in big.state_dict().items())
     with pytest.raises(LrquantError, match="size mismatch"):  # weights of another architecture
         load_model(f"timm:vit_small_patch16_224@{tmp_path / 'w.safetensors'}", kind="vision")
     with pytest.raises(LrquantError, match="not found"):
@@ -385,10 +440,12 @@ def test_timm_quantize_cli_and_reload(tmp_path):
     qparams = load_file(str(out / "qparams.safetensors"))
     assert qparams["blocks.1.attn.qkv.weight_scale"].shape == (3 * DIM, 1)
     # the saved model is a plain timm checkpoint of the fake-quant weights
+    plain = timm.create_model(f"local-dir:{out / 'model'}", pretrained=True).eval()
+    assert type(plain.blocks[0].attn).__name__ == "Attention"
     reloaded, _, _ = load_model(f"timm:{out / 'model'}", kind="vision")
-    assert type(reloaded.blocks[0].attn).__name__ == "Attention"
     fp, _, _ = load_model(f"timm:{folder}", kind="vision")
     x = pixels()
     with torch.no_grad():
         assert not torch.equal(reloaded(x), fp(x))
         assert torch.isfinite(reloaded(x)).all()
+        torch.testing.assert_close(plain(x), reloaded(x), atol=1e-5, rtol=1e-5)
