@@ -225,8 +225,10 @@ def restore_quant_state(model: nn.Module, recipe: Recipe, tensors: dict[str, tor
             set_submodule(block, path, ql)
 
 
-def export_run(run_dir: str | Path, output: str | Path | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Export a finished run folder (``model/`` + ``qparams.safetensors``) as compressed-tensors."""
+def export_run(run_dir: str | Path, output: str | Path | None = None, dtype: torch.dtype | None = None,
+               export_format: str = "compressed-tensors") -> Path:
+    """Export a finished run folder (``model/`` + ``qparams.safetensors``) as compressed-tensors (default
+    ``<run_dir>/compressed``) or GGUF (``export_format="gguf"``, default ``<run_dir>/model.gguf``)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -242,6 +244,11 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, dtype: tor
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32).eval()
     restore_quant_state(model, recipe, load_file(str(run_dir / "qparams.safetensors")))
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    if export_format == "gguf":
+        from .export.gguf import export_gguf
+
+        return export_gguf(model, recipe.scheme, output or run_dir / "model.gguf", tokenizer,
+                           online_ops=results.get("online_ops", []))
     return export_compressed(model, recipe.scheme, output or run_dir / "compressed", tokenizer, dtype=dtype,
                              online_ops=results.get("online_ops", []))
 
@@ -306,6 +313,10 @@ def run(
     """Run one quantization job end to end; writes ``results.json`` (also returned) and the model."""
     out = Path(output_dir)
     get_method(recipe.method)  # unknown method: fail before touching the output folder
+    if export_format == "gguf":  # a grid GGUF cannot hold: refuse before calibrating
+        from .export.gguf import gguf_quant_type
+
+        gguf_quant_type(recipe.scheme)
     if (out / "results.json").exists() and not (overwrite or resume):
         raise LrquantError(f"{out} already holds a finished run; pass --overwrite or choose another --output")
     if (out / "checkpoint").exists() and not resume and not overwrite:
@@ -381,8 +392,14 @@ def run(
                                      online_ops=qr.online_ops)
             results["export"] = {"format": export_format, "path": str(path),
                                  "size_mb": round(dir_size_bytes(path) / 2**20, 1)}
+        elif export_format == "gguf":
+            from .export.gguf import export_gguf
+
+            path = export_gguf(model, recipe.scheme, out / "model.gguf", tokenizer, online_ops=qr.online_ops)
+            results["export"] = {"format": export_format, "path": str(path),
+                                 "size_mb": round(path.stat().st_size / 2**20, 1)}
         elif export_format not in (None, "fake"):
-            raise LrquantError(f"unknown --format {export_format!r}; use fake or compressed-tensors")
+            raise LrquantError(f"unknown --format {export_format!r}; use fake, compressed-tensors or gguf")
         atomic_write_json(out / "results.json", results)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
         return RunResult(results, model, tokenizer)

@@ -166,8 +166,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .api import export_run
     from .export.compressed import dir_size_bytes
 
-    path = export_run(args.run_dir, args.output, dtype=torch.float16 if args.dtype == "float16" else None)
-    print(f"compressed-tensors checkpoint: {path} ({dir_size_bytes(path) / 2**20:.1f} MiB of safetensors)")
+    path = export_run(args.run_dir, args.output, dtype=torch.float16 if args.dtype == "float16" else None,
+                      export_format=args.format)
+    if args.format == "gguf":
+        print(f"GGUF file: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    else:
+        print(f"compressed-tensors checkpoint: {path} ({dir_size_bytes(path) / 2**20:.1f} MiB of safetensors)")
     return 0
 
 
@@ -249,17 +253,21 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
     q.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
     q.add_argument("--no-save", action="store_true", help="do not write the fake-quant checkpoint")
-    q.add_argument("--format", default="fake", choices=("fake", "compressed-tensors"),
-                   help="also export a real low-bit compressed-tensors checkpoint to <output>/compressed")
+    q.add_argument("--format", default="fake", choices=("fake", "compressed-tensors", "gguf"),
+                   help="also export a real low-bit checkpoint: compressed-tensors to <output>/compressed, or gguf "
+                        "(llama.cpp Q4_0/Q4_1/Q8_0, group 32) to <output>/model.gguf")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="evaluate a model (or a run's model/ folder)")
     _common(e)
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export", help="export a finished run folder as a compressed-tensors checkpoint")
+    x = sub.add_parser("export", help="export a finished run folder as a compressed-tensors checkpoint or GGUF")
     x.add_argument("run_dir")
-    x.add_argument("--output", default=None, help="target folder (default <run_dir>/compressed)")
+    x.add_argument("--format", default="compressed-tensors", choices=("compressed-tensors", "gguf"),
+                   help="compressed-tensors folder, or a llama.cpp GGUF file (Q4_0/Q4_1/Q8_0 grids, group 32)")
+    x.add_argument("--output", default=None,
+                   help="target folder (default <run_dir>/compressed) or .gguf file (default <run_dir>/model.gguf)")
     x.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="dense tensors and scales")
     x.set_defaults(func=cmd_export)
 
