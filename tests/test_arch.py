@@ -1,5 +1,6 @@
 """Architecture mappings checked against tiny random transformers models of every registered family.
 
+Lookup: ``get_mapping`` (and ``prepare_model``, a no-op for these families) changes nothing in the model.
 Structure: every mapped path resolves to a module of the right kind and width, and every Linear / norm
 of a block is mapped. Numerics: forward hooks show each mapped norm really feeds the mapped linears,
 and every ``SmoothPair`` really folds: scaling its channels by ``s`` on ``prev`` and ``1/s`` on
@@ -17,9 +18,10 @@ import torch
 import transformers
 from torch import nn
 
-from lrquant.arch import SmoothPair, get_mapping, supported
+from lrquant.arch import SmoothPair, get_mapping, prepare_model, supported
 from lrquant.arch.base import ArchMapping
 from lrquant.arch.families import OPT, check_config
+from lrquant.arch.vision import DINOV2
 from lrquant.errors import UnsupportedArchitectureError
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB, INTER = 64, 2, 4, 2, 128, 96
@@ -149,6 +151,32 @@ def test_unsupported_model_names_supported_classes():
     assert "GPT2LMHeadModel" in msg
     for name in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM", "OPTForCausalLM"):
         assert name in msg
+
+
+def test_prepare_model_passes_unregistered_models_through():
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    assert prepare_model(model) is model  # get_mapping is the one that refuses it
+
+
+def test_typed_optional_fields():
+    """What a family declares beyond paths is typed: DINOv2 evaluates at 224; the text families need no
+    preparation, no checkpoint layout of their own and no evaluation size."""
+    assert DINOV2.eval_image_size == 224 and DINOV2.preparation is None and DINOV2.checkpoint_layout is None
+    assert OPT.eval_image_size is None and OPT.preparation is None and OPT.checkpoint_layout is None
+
+
+def test_get_mapping_leaves_the_model_untouched(case_model):
+    _, model = case_model
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    params = [(n, p, p.detach().clone()) for n, p in model.named_parameters()]
+    attrs, config = sorted(vars(model)), model.config.to_dict()
+    mapping = get_mapping(model)
+    assert mapping.preparation is None and prepare_model(model) is model
+    assert get_mapping(model) == mapping
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert [(n, p) for n, p in model.named_parameters()] == [(n, p) for n, p, _ in params]
+    assert all(torch.equal(p, ref) for (_, p), (_, _, ref) in zip(model.named_parameters(), params, strict=True))
+    assert sorted(vars(model)) == attrs and model.config.to_dict() == config
 
 
 # ---- structure -----------------------------------------------------------------------------------
