@@ -247,7 +247,7 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, dtype: tor
     if export_format == "gguf":
         from .export.gguf import export_gguf
 
-        return export_gguf(model, recipe.scheme, output or run_dir / "model.gguf", tokenizer,
+        return export_gguf(model, recipe.scheme, output or run_dir / "model.gguf", tokenizer, dtype=dtype,
                            online_ops=results.get("online_ops", []))
     return export_compressed(model, recipe.scheme, output or run_dir / "compressed", tokenizer, dtype=dtype,
                              online_ops=results.get("online_ops", []))
@@ -395,7 +395,8 @@ def run(
         elif export_format == "gguf":
             from .export.gguf import export_gguf
 
-            path = export_gguf(model, recipe.scheme, out / "model.gguf", tokenizer, online_ops=qr.online_ops)
+            path = export_gguf(model, recipe.scheme, out / "model.gguf", tokenizer, dtype=torch.float16,
+                               online_ops=qr.online_ops)
             results["export"] = {"format": export_format, "path": str(path),
                                  "size_mb": round(path.stat().st_size / 2**20, 1)}
         elif export_format not in (None, "fake"):
