@@ -1,7 +1,7 @@
-"""Rotation pre-step (``--rotate hadamard``): orthonormal Hadamard constructions (powers of two, Paley,
-random-orthogonal fallback), exactness of norm fusion + residual rotation + online Hadamards on tiny
-random models in float64 (GQA, biases, QK-norm, tied/untied, non-power-of-two widths), refusals, negative
-controls, and the point of it: an outlier channel in the residual stream is spread out."""
+"""Rotation pre-step (``--rotate hadamard``), the model surgery: exactness of norm fusion + residual
+rotation + online Hadamards on tiny random models in float64 (GQA, biases, QK-norm, tied/untied,
+non-power-of-two widths), refusals, negative controls, and the point of it: an outlier channel in the
+residual stream is spread out. The Hadamard maths itself: tests/test_hadamard.py."""
 
 from __future__ import annotations
 
@@ -15,17 +15,14 @@ from torch import nn
 
 from lrquant.arch import get_mapping
 from lrquant.errors import UnsupportedArchitectureError
+from lrquant.quant.hadamard import OnlineHadamard
 from lrquant.quant.quantizers import QuantLinear
 from lrquant.transforms import ScaleShift, fold_block
 from lrquant.transforms.rotation import (
-    OnlineHadamard,
     OnlineRotatedLinear,
     _rotate_fused,
     attach_online,
     fuse_norms,
-    hadamard_factors,
-    hadamard_matrix,
-    hadamard_rotate,
     online_specs,
     pairs_without_online_inputs,
     rotate_model,
@@ -84,50 +81,6 @@ def _model(name: str, seed: int = 1) -> nn.Module:
 def _logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits
-
-
-# ---- matrices ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("n", [1, 2, 8, 12, 20, 28, 36, 64, 72, 96, 576, 1536, 9, 18, 6])
-def test_hadamard_matrix_orthonormal(n):
-    h = hadamard_matrix(n, seed=7)
-    assert h.shape == (n, n) and h.dtype == torch.float64
-    torch.testing.assert_close(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0)
-    _, _, construction = hadamard_factors(n)
-    if construction.startswith("random-orthogonal"):
-        assert n % 4 and n > 2  # no Hadamard matrix of these orders exists
-    else:  # a true (randomized) Hadamard matrix: every entry is +-1/sqrt(n)
-        torch.testing.assert_close(h.abs(), torch.full_like(h, n**-0.5), atol=1e-12, rtol=0)
-
-
-def test_hadamard_constructions_and_randomization():
-    assert hadamard_factors(576)[2] == "paley(36) x sylvester(16)"
-    assert hadamard_factors(1536)[2] == "paley(12) x sylvester(128)"
-    assert hadamard_factors(2048)[2] == "sylvester(2048)"
-    assert hadamard_factors(9)[2] == "random-orthogonal(9) x sylvester(1)"
-    torch.testing.assert_close(hadamard_matrix(72, seed=3), hadamard_matrix(72, seed=3), atol=0, rtol=0)
-    assert (hadamard_matrix(72, seed=3) - hadamard_matrix(72, seed=4)).abs().max() > 0.1
-    torch.testing.assert_close(hadamard_matrix(18), hadamard_matrix(18), atol=0, rtol=0)  # fallback is seeded
-
-
-@pytest.mark.parametrize(("size", "block"), [(8, 1), (96, 1), (72, 1), (9, 8), (1536, 1), (4, 3)])
-def test_online_hadamard_equals_dense(size, block):
-    m = OnlineHadamard(size, block=block, dtype=torch.float64)
-    x = torch.randn(2, 5, size * block, dtype=torch.float64)
-    dense = m.matrix()
-    torch.testing.assert_close(dense @ dense.T, torch.eye(size * block, dtype=torch.float64), atol=1e-12, rtol=0)
-    torch.testing.assert_close(m(x), x @ dense, atol=1e-12, rtol=0)
-    if block == 1:
-        torch.testing.assert_close(dense, hadamard_matrix(size), atol=1e-12, rtol=0)
-    assert not m.state_dict()  # non-persistent: checkpoints are unchanged
-
-
-@pytest.mark.parametrize(("size", "seed", "block"), [(64, 3, 1), (72, 5, 1), (96, None, 1), (18, 2, 1), (9, 1, 8)])
-def test_hadamard_rotate_equals_dense(size, seed, block):
-    x = torch.randn(size * block, 7, dtype=torch.float64).T  # [7, n]: a non-contiguous view, as W.T is
-    dense = torch.kron(hadamard_matrix(size, seed), torch.eye(block, dtype=torch.float64))
-    torch.testing.assert_close(hadamard_rotate(x, seed, block=block), x @ dense, atol=1e-12, rtol=0)
 
 
 # ---- exactness -----------------------------------------------------------------------------------
