@@ -98,6 +98,10 @@ def test_recover_codes_refuses_off_grid_weight():
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("label", list(WEIGHT_ONLY))
 def test_weight_only_round_trip(tmp_path, label, tied):
+    """The user's path: plain ``AutoModelForCausalLM.from_pretrained(dir)``, no extra arguments, gives the
+    in-memory fake-quant logits and, once decompressed, bit-identical weights (asymmetric schemes too)."""
+    from transformers import AutoModelForCausalLM
+
     scheme = WEIGHT_ONLY[label]
     model = tiny_quantized(scheme, tied=tied)
     ref = logits(model, IDS)
@@ -111,12 +115,43 @@ def test_weight_only_round_trip(tmp_path, label, tied):
         scheme.weights.num_bits, scheme.weights.symmetric, scheme.weights.strategy)
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary folder left behind
 
-    loaded = load_compressed(out)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    y = logits(loaded, IDS)  # the first forward decompresses
+    assert rel_err(y, ref) <= 1e-5, rel_err(y, ref)
     for name, m in quant_linears(model).items():
         assert torch.equal(loaded.get_submodule(name).weight, m.weight), name  # bit-identical weights
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
-    y = logits(loaded, IDS)
-    assert rel_err(y, ref) <= 1e-5, rel_err(y, ref)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_vllm_layout_keeps_compact_zero_points(tmp_path, bits):
+    """``layout="vllm"``: asymmetric zero points packed to ``[ceil(out * b / 32), groups]`` as vLLM allocates
+    them; the default layout pads the same words to ``[out, groups]``. With compressed-tensors 0.20 plain
+    ``from_pretrained`` refuses the compact layout (a shape mismatch: its meta-device compression does not
+    pack zero points), which is why it is not the default; if this starts to load, the pinned range can move
+    and the default can become the compact layout. ``load_compressed`` takes it through the dequantize route.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    scheme = Scheme(QuantArgs(bits, False, "group", 32))
+    model = tiny_quantized(scheme)
+    ref = logits(model, IDS)
+    compact = export_compressed(model, scheme, tmp_path / "vllm", layout="vllm")
+    padded = export_compressed(model, scheme, tmp_path / "transformers")
+    zp_c = load_file(compact / "model.safetensors")["model.layers.0.mlp.up_proj.weight_zero_point"]
+    zp_p = load_file(padded / "model.safetensors")["model.layers.0.mlp.up_proj.weight_zero_point"]
+    out_features, groups = model.model.layers[0].mlp.up_proj.weight.shape[0], 64 // 32
+    assert zp_c.dtype == zp_p.dtype == torch.int32
+    assert zp_c.shape == (out_features * bits // 32, groups) and zp_p.shape == (out_features, groups)
+    assert torch.equal(zp_p[: zp_c.shape[0]], zp_c) and not zp_p[zp_c.shape[0]:].any()
+    assert json.loads((compact / "lrquant_export.json").read_text())["zero_point_layout"] == "vllm"
+
+    with pytest.raises(RuntimeError, match="mismatch|size"):
+        AutoModelForCausalLM.from_pretrained(compact)
+    assert rel_err(logits(load_compressed(compact), IDS), ref) <= 1e-5
+    with pytest.raises(LrquantError, match="unknown export layout"):
+        export_compressed(model, scheme, tmp_path / "x", layout="tgi")
 
 
 ACT_SCHEMES = {

@@ -13,6 +13,22 @@ must be integral, else the export refuses) and handed to compressed-tensors' com
 Our asymmetric grid ``[0, 2^b - 1]`` becomes compressed-tensors' signed grid ``[-2^(b-1), 2^(b-1) - 1]``
 by subtracting ``2^(b-1)`` from codes and zero points alike, so ``q - zp`` (and the weight) is unchanged.
 
+Asymmetric ``pack-quantized`` zero points come in two layouts (:data:`LAYOUTS`; symmetric and
+``int-quantized`` exports are the same in both):
+
+* ``"vllm"``: the format's own layout, ``weight_zero_point`` int32 ``[ceil(out * b / 32), groups]``
+  (``pack_to_int32(zp, b, packed_dim=0)``), which vLLM's WNA16 scheme allocates and reads.
+* ``"transformers"`` (default): the same words zero-padded to ``[out, groups]``, so that plain
+  ``AutoModelForCausalLM.from_pretrained(dir)`` loads it. Why: transformers builds the model on the meta
+  device and runs compressed-tensors' ``compress_model`` on it to get the compressed parameter shapes;
+  ``PackedQuantizationCompressor.compress`` (compressed-tensors 0.20.1) returns early for meta weights
+  *before* packing the zero point, so the model expects an unpacked ``[out, groups]`` zero point and the
+  packed checkpoint tensor is refused as a size mismatch (``[192, 9]`` vs ``[1536, 9]`` on SmolLM2's MLP).
+  Its ``decompress`` on the first forward then unpacks that parameter along dim 0 and reads only the first
+  ``ceil(out * b / 32)`` rows, so the padded words give the right zero points; an unpacked int8 tensor would
+  be refused there, and an unpacked int32 one silently misread. ``CompressedTensorsConfig(dequantize=True)``
+  loads both layouts.
+
 Not representable, hence refused or dropped with a warning:
 
 * unfolded transforms (tensors still parametrized, a QuantLinear ``input_transform``, a module flagged
@@ -47,6 +63,9 @@ ONLINE_ATTR = "lrquant_online_op"
 INTEGRAL_TOL = 1e-3
 
 SIDECAR_NAME = "lrquant_export.json"
+
+# Zero-point layouts of asymmetric pack-quantized exports (see the module docstring); the first is the default.
+LAYOUTS = ("transformers", "vllm")
 
 
 class ExportError(LrquantError):
@@ -198,14 +217,29 @@ def ct_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return ((rows - zero_point.to(scale.dtype)) * scale).reshape(codes.shape)
 
 
-def compress_linear(m: QuantLinear, scheme: Scheme, dtype: torch.dtype | None = None, name: str = "linear"
-                    ) -> dict[str, torch.Tensor]:
+def pad_packed_zero_point(zp: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Packed zero points ``[ceil(out * b / 32), groups]`` int32 -> ``[out, groups]``, zero rows appended
+    (the ``"transformers"`` layout: the shape transformers allocates, words its decompressor reads)."""
+    pad = zp.new_zeros(out_features - zp.shape[0], *zp.shape[1:])
+    return torch.cat([zp, pad]).contiguous()
+
+
+def packs_zero_point(scheme: Scheme) -> bool:
+    """Whether ``scheme`` exports ``pack-quantized`` with packed zero points (asymmetric group/channel)."""
+    w = scheme.weights
+    return (scheme.input_activations is None and w is not None and not w.symmetric
+            and w.strategy in ("group", "channel"))
+
+
+def compress_linear(m: QuantLinear, scheme: Scheme, dtype: torch.dtype | None = None, name: str = "linear",
+                    layout: str = LAYOUTS[0]) -> dict[str, torch.Tensor]:
     """Compressed per-module state dict (local names) of one frozen QuantLinear, via compressed-tensors.
 
     Keys: ``weight_packed`` (pack-quantized) or ``weight`` (int8, int-quantized), ``weight_scale``,
-    ``weight_shape`` (packed only), ``weight_zero_point`` (asymmetric), ``bias``, and ``input_scale`` /
-    ``input_zero_point`` for static activations. ``dtype`` casts the scales (the codes are unchanged).
-    The result is decompressed again and checked to give the same weight bit for bit.
+    ``weight_shape`` (packed only), ``weight_zero_point`` (asymmetric; packed zero points in ``layout``),
+    ``bias``, and ``input_scale`` / ``input_zero_point`` for static activations. ``dtype`` casts the scales
+    (the codes are unchanged). The result is decompressed again and checked to give the same weight bit for
+    bit.
     """
     from compressed_tensors.compressors import BaseCompressor
 
@@ -226,12 +260,14 @@ def compress_linear(m: QuantLinear, scheme: Scheme, dtype: torch.dtype | None = 
         sd["input_zero_point"] = a_zp.reshape(1)
     ct = ct_scheme(scheme, ["Linear"])
     compressor = BaseCompressor.get_value_from_registry(ct.format)
-    compressed = compressor.compress(sd, ct)
+    compressed = dict(compressor.compress(sd, ct))
+    if layout == "transformers" and ct.format == "pack-quantized" and packs_zero_point(scheme):
+        compressed["weight_zero_point"] = pad_packed_zero_point(compressed["weight_zero_point"], m.weight.shape[0])
     back = compressor.decompress(compressed, ct)["weight"]
     if not torch.equal(back, weight):
         raise ExportError(f"{name}: compressed-tensors round trip changed the weight "
                           f"(max diff {(back - weight).abs().max().item():.3g})")
-    return dict(compressed)
+    return compressed
 
 
 # ---- export --------------------------------------------------------------------------------------------
@@ -240,7 +276,8 @@ def _linear_names(model: nn.Module) -> list[str]:
 
 
 def export_state_dict(model: nn.Module, scheme: Scheme, dtype: torch.dtype | None = None,
-                      online_ops: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], list[str]]:
+                      online_ops: list[str] | tuple[str, ...] = (), layout: str = LAYOUTS[0]
+                      ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Full compressed state dict of ``model`` and the names of linears left dense (the ``ignore`` list)."""
     quant = check_exportable(model, scheme, online_ops)
     sd: dict[str, torch.Tensor] = {}
@@ -252,14 +289,15 @@ def export_state_dict(model: nn.Module, scheme: Scheme, dtype: torch.dtype | Non
             value = cast.setdefault(value.data_ptr(), value.detach().to(dtype))
         sd[key] = value
     for name, m in quant.items():
-        for key, value in compress_linear(m, scheme, dtype, name).items():
+        for key, value in compress_linear(m, scheme, dtype, name, layout).items():
             sd[f"{name}.{key}"] = value
     ignore = [n for n in _linear_names(model) if n not in quant]
     return sd, ignore
 
 
 def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tokenizer=None,
-                      dtype: torch.dtype | None = None, online_ops: list[str] | tuple[str, ...] = ()) -> Path:
+                      dtype: torch.dtype | None = None, online_ops: list[str] | tuple[str, ...] = (),
+                      layout: str = LAYOUTS[0]) -> Path:
     """Write ``model`` (frozen QuantLinears) as a compressed-tensors checkpoint in ``out_dir``.
 
     ``model`` is a transformers ``PreTrainedModel`` whose quantized linears are frozen
@@ -269,16 +307,19 @@ def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tok
     The folder (``model.safetensors``, ``config.json`` with ``quantization_config``, generation config,
     tokenizer files, and ``lrquant_export.json``) is written to a temporary sibling and renamed into place.
     Refuses (:class:`ExportError`) while transforms are unfolded or ``online_ops`` is not empty.
-    Returns ``out_dir``.
+    ``layout``: where asymmetric pack-quantized zero points go (:data:`LAYOUTS`): ``"transformers"`` (plain
+    ``from_pretrained`` loads it) or ``"vllm"`` (the compact layout vLLM reads). Returns ``out_dir``.
     """
     from compressed_tensors.compressors import ModelCompressor
 
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown export layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     out = Path(out_dir).absolute()
     if scheme.kv_cache is not None:
         warnings.warn(f"scheme {scheme.name()}: per-token KV-cache quantization has no compressed-tensors "
                       "equivalent; the export omits it (loaders keep the KV cache in full precision)",
                       stacklevel=2)
-    sd, ignore = export_state_dict(model, scheme, dtype, online_ops)
+    sd, ignore = export_state_dict(model, scheme, dtype, online_ops, layout)
     config = ct_config(scheme, ignore)
     if out.is_file():
         raise ExportError(f"export target {out} is a file")
@@ -296,6 +337,7 @@ def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tok
             "scheme": scheme.name(),
             "scheme_args": {k: (vars(v) if v is not None else None) for k, v in vars(scheme).items()},
             "format": str(config.format),
+            "zero_point_layout": layout if packs_zero_point(scheme) else None,
             "quantized_linears": sum(1 for k in sd if k.endswith(".weight_scale")),
             "dense_linears": sorted(ignore),
             "kv_cache_omitted": scheme.kv_cache is not None,
@@ -304,26 +346,19 @@ def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tok
     return out
 
 
-def quantizes_activations(path: str | Path) -> bool:
-    """Whether the export at ``path`` declares input-activation quantization in its config."""
-    qcfg = json.loads((Path(path) / "config.json").read_text()).get("quantization_config", {})
-    return any(g.get("input_activations") for g in qcfg.get("config_groups", {}).values())
-
-
 def load_compressed(path: str | Path, **kwargs):
     """Load an export with ``transformers.AutoModelForCausalLM.from_pretrained`` (``kwargs`` pass through).
 
-    Weight-only exports load with ``CompressedTensorsConfig(dequantize=True)`` (the old
-    ``run_compressed=False``): each module is decompressed while loading and the model is a plain dense
-    one. This also side-steps a compressed-tensors 0.20 bug: the default (compressed) route builds the
-    modules on the meta device without packing ``weight_zero_point``, so asymmetric pack-quantized
-    checkpoints fail with a size mismatch. Exports with activation quantization load by the default route
-    so that compressed-tensors applies the dynamic activation quantization in each linear's forward.
+    This is the plain path a user takes (plus ``dtype="auto"`` unless given): compressed-tensors
+    decompresses the weights on the first forward and applies any activation quantization in each linear's
+    forward. Only asymmetric exports written with ``layout="vllm"`` (see the module docstring) go through
+    ``CompressedTensorsConfig(dequantize=True)``, which transformers needs for that layout.
     """
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     kwargs.setdefault("dtype", "auto")
-    if not quantizes_activations(path):
+    sidecar = Path(path) / SIDECAR_NAME
+    if sidecar.is_file() and json.loads(sidecar.read_text()).get("zero_point_layout") == "vllm":
         kwargs.setdefault("quantization_config", CompressedTensorsConfig(dequantize=True))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*already has a `quantization_config`.*")
