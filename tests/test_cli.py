@@ -39,7 +39,7 @@ def _err(capsys) -> str:
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--wbits", "9"], "num_bits must be one of 2-8 or 16"),
+    (["--wbits", "9"], "--wbits must be one of 2-8 or 16"),
     (["--method", "nope"], "unknown method 'nope'"),
     (["--recipe", "missing.yaml"], "recipe file not found"),
     (["--group-size", "48"], "group_size 48 does not divide"),
@@ -129,7 +129,7 @@ def test_run_exports_and_export_run_reproduces_it(tiny_model_dir, tmp_path, caps
     ids = torch.randint(0, 1000, (1, 24))
     with torch.no_grad():
         ref = res.model(ids).logits
-        direct = load_compressed(out / "compressed").float()(ids).logits
+        direct = load_compressed(out / "compressed", dtype=torch.float32)(ids).logits
         assert main(["export", str(out), "--output", str(tmp_path / "later"), "--dtype", "float32"]) == 0
         later = load_compressed(tmp_path / "later")(ids).logits
     torch.testing.assert_close(later, ref, atol=1e-5, rtol=1e-5)

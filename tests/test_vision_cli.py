@@ -34,8 +34,8 @@ def test_vision_quantize_cli(tmp_path, shared_data, head):
 
 
 def test_fp_vision_outputs_are_cached_per_model_and_pixels(tmp_path, monkeypatch):
-    """The FP pass of a vision run is computed once per (model, weights, pixels) and reused."""
-    from lrquant.api import _fp_vision_cached
+    """The FP pass of a vision run is computed once per (model content, weights, pixels) and reused."""
+    from lrquant.eval.vision import fp_outputs_cached
 
     monkeypatch.setenv("LRQUANT_CACHE", str(tmp_path))
     model = torch.nn.Linear(4, 3)
@@ -47,11 +47,12 @@ def test_fp_vision_outputs_are_cached_per_model_and_pixels(tmp_path, monkeypatch
         with torch.no_grad():
             return {"logits": m(pixels)}
 
-    a = _fp_vision_cached("m", model, None, pixels, outputs)
-    b = _fp_vision_cached("m", model, None, pixels, outputs)
+    a = fp_outputs_cached("m", model, [pixels], outputs)
+    b = fp_outputs_cached("m", model, [pixels], outputs)
     assert len(calls) == 1 and torch.equal(a["logits"], b["logits"])
     with torch.no_grad():
-        model.weight[0, 0] += 1  # other weights under the same name: recomputed
-    _fp_vision_cached("m", model, None, pixels, outputs)
-    _fp_vision_cached("m", model, None, pixels + 1, outputs)  # other pixels: recomputed
-    assert len(calls) == 3
+        model.weight[0, 0] += 1  # other weights under the same identity: recomputed
+    fp_outputs_cached("m", model, [pixels], outputs)
+    fp_outputs_cached("m", model, [pixels + 1], outputs)  # other pixels: recomputed
+    fp_outputs_cached("other", model, [pixels + 1], outputs)  # another model identity: recomputed
+    assert len(calls) == 4

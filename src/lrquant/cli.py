@@ -1,20 +1,27 @@
 """``lrquant`` command line: a thin shim over :mod:`lrquant.api`.
 
-Bad input ends with one line on stderr and exit status 2; nothing half-written is left behind.
+Exit status: 0 success; 2 bad input or an environment problem (disk full, permission denied, a folder in
+use by another lrquant process), one line on stderr, nothing lost or half-written; 3 the run finished and
+was saved but its quality is not finite; 130 interrupted (finished blocks are checkpointed).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from .config import CalibArgs, Recipe, Scheme, TrainArgs  # noqa: F401  (Recipe used in annotations)
-from .errors import LrquantError
+from .config import VALID_BITS, CalibArgs, QuantArgs, Recipe, Scheme, TrainArgs
+from .errors import ConfigError, DataError, LrquantError
 
 log = logging.getLogger("lrquant")
+
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _data_dir(args: argparse.Namespace) -> str | None:
@@ -27,32 +34,78 @@ def _default_eval(args: argparse.Namespace) -> list[str]:
     return ["wikitext2"] if _data_dir(args) else ["default"]
 
 
-def build_recipe(args: argparse.Namespace) -> Recipe:
-    """The recipe file (if any) with every explicitly given flag on top."""
-    recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
-    if args.method is not None:
-        recipe.method = args.method.lower()
-    if any(v is not None for v in (args.wbits, args.abits, args.group_size, args.kv_bits)) or not args.recipe:
-        old = recipe.scheme
-        wbits = args.wbits if args.wbits is not None else old.wbits
-        abits = args.abits if args.abits is not None else old.abits
-        if args.group_size is not None:
-            group = args.group_size or None
-        elif old.weights is not None and old.weights.strategy == "group":
-            group = old.weights.group_size
+def _load_recipe(path: str) -> Recipe:
+    """``Recipe.load`` with undecodable files and misshapen sections as one-line errors."""
+    try:
+        return Recipe.load(path)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe {path} is not UTF-8 text") from exc
+    except TypeError as exc:  # a section with the wrong shape reaching a dataclass constructor
+        raise ConfigError(f"recipe {path}: {exc}") from exc
+
+
+def _check_bits(args: argparse.Namespace) -> None:
+    for flag in ("wbits", "abits", "kv_bits"):
+        value = getattr(args, flag)
+        if value is not None and value not in VALID_BITS:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be one of 2-8 or 16 (no quantization), got {value}")
+
+
+def _scheme(args: argparse.Namespace, recipe: Recipe) -> Scheme:
+    """Flags alone: the published settings (``Scheme.from_bits``, default W4A16g64). On top of a recipe:
+    only what a flag names changes (a bit width keeps the recipe's symmetry, strategy and KV setting)."""
+    _check_bits(args)
+    if not args.recipe:
+        group = 64 if args.group_size is None else args.group_size or None
+        return Scheme.from_bits(4 if args.wbits is None else args.wbits, 16 if args.abits is None else args.abits,
+                                group, w_symmetric=args.w_sym, kv_bits=args.kv_bits)
+    old = recipe.scheme
+    w = old.weights
+    weights = w
+    if args.wbits is not None or args.group_size is not None or args.w_sym:
+        bits = args.wbits if args.wbits is not None else (w.num_bits if w else 16)
+        sym = args.w_sym or (w.symmetric if w else False)
+        group = args.group_size if args.group_size is not None else (w.group_size if w else None)
+        if bits == 16:
+            weights = None
+        elif group:
+            weights = QuantArgs(bits, sym, "group", group)
+        elif w is None or w.strategy == "group":
+            weights = QuantArgs(bits, sym, "channel", None)
         else:
-            group = None if args.recipe else 64
-        kv = args.kv_bits if args.kv_bits is not None else (old.kv_cache.num_bits if old.kv_cache else None)
-        recipe.scheme = Scheme.from_bits(wbits, abits, group, w_symmetric=args.w_sym, kv_bits=kv)
-    c = recipe.calib
-    recipe.calib = CalibArgs(
-        dataset=args.calib or c.dataset, nsamples=args.nsamples or c.nsamples, seqlen=args.seqlen or c.seqlen,
-        seed=args.seed if args.seed is not None else c.seed,
-    )
-    t = recipe.train
+            weights = replace(w, num_bits=bits, symmetric=sym)
+
+    def override(current: QuantArgs | None, bits: int | None) -> QuantArgs | None:
+        if bits is None:
+            return current
+        if bits == 16:
+            return None
+        return replace(current, num_bits=bits) if current else QuantArgs(bits, False, "token", None, True)
+
+    return Scheme(weights, override(old.input_activations, args.abits), override(old.kv_cache, args.kv_bits))
+
+
+def _positive(flag: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{flag} must be a positive number, got {value}")
+
+
+def build_recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe file (if any) with every explicitly given flag on top, validated; bad values are refused,
+    never replaced by defaults."""
+    import yaml
+
+    recipe = _load_recipe(args.recipe) if args.recipe else Recipe()
+    c, t = recipe.calib, recipe.train
+    for flag in ("nsamples", "seqlen", "batch_size", "epochs"):
+        value = getattr(args, flag)
+        if value is not None and (value < 0 or (value == 0 and flag != "epochs")):
+            raise ConfigError(f"--{flag.replace('_', '-')} must be {'>= 0' if flag == 'epochs' else 'positive'}, "
+                              f"got {value}")
     lr = dict(t.lr)
     for group in ("lwc", "let", "rot"):
         value = getattr(args, f"lr_{group}", None)
+        _positive(f"--lr-{group}", value)
         if value is not None:
             lr[group] = value
     for item in args.lr or []:
@@ -60,20 +113,41 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         try:
             lr[key] = float(value)
         except ValueError as exc:
-            raise LrquantError(f"--lr takes NAME=VALUE, got {item!r}") from exc
-    recipe.train = TrainArgs(
-        epochs=args.epochs if args.epochs is not None else t.epochs,
-        batch_size=args.batch_size or t.batch_size, lr=lr, weight_decay=t.weight_decay,
-        seed=args.seed if args.seed is not None else t.seed,
+            raise ConfigError(f"--lr takes NAME=VALUE, got {item!r}") from exc
+        _positive(f"--lr {key}", lr[key])
+    seed = args.seed
+    if args.method is not None:
+        recipe = recipe.with_method(args.method)
+    recipe = recipe.replace(
+        scheme=_scheme(args, recipe),
+        calib=CalibArgs(dataset=args.calib or c.dataset, nsamples=_given(args.nsamples, c.nsamples),
+                        seqlen=_given(args.seqlen, c.seqlen), seed=_given(seed, c.seed)),
+        train=TrainArgs(epochs=_given(args.epochs, t.epochs), batch_size=_given(args.batch_size, t.batch_size),
+                        lr=lr, weight_decay=t.weight_decay, seed=_given(seed, t.seed)),
     )
     if args.rotate is not None:
-        recipe.options["rotate"] = args.rotate
+        recipe = recipe.with_rotation(args.rotate)
+    options = {}
     for item in args.option or []:
-        key, _, value = item.partition("=")
-        import yaml
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option takes KEY=VALUE, got {item!r}")
+        try:
+            options[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--option {key}: {value!r} is not a YAML value") from exc
+    if options:
+        recipe = recipe.with_options(options)
+    if args.tta:
+        from .config import TTAStep
 
-        recipe.options[key] = yaml.safe_load(value)
-    return Recipe.from_dict(recipe.to_dict())  # validate the combination
+        recipe = recipe.with_tta(TTAStep(steps=args.tta_steps, lr=args.tta_lr, blocks=args.tta_blocks,
+                                         windows=args.tta_windows, seqlen=args.tta_seqlen))
+    return recipe
+
+
+def _given(value, default):
+    return default if value is None else value
 
 
 def _print_summary(results: dict, out: Path) -> None:
@@ -91,23 +165,41 @@ def _print_summary(results: dict, out: Path) -> None:
 
 
 def _vision_job(args: argparse.Namespace, recipe: Recipe) -> bool:
-    from .api import VISION_EVALS
+    """A vision job: a vision evaluation, a timm model, or an image folder as calibration data. A corpus
+    name is always text (even beside a folder of that name); a folder without images is refused."""
+    from .data.images import IMAGE_SUFFIXES
+    from .data.text import CORPORA
+    from .models import TIMM_PREFIX
+    from .runs import VISION_EVALS
 
-    evals = (args.eval or "").split(",")
-    return Path(recipe.calib.dataset).is_dir() or any(e in VISION_EVALS for e in evals)
+    if any(e in VISION_EVALS for e in (args.eval or "").split(",")) or args.model.startswith(TIMM_PREFIX):
+        return True
+    calib = recipe.calib.dataset
+    if calib in CORPORA or not Path(calib).is_dir():
+        return False
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in Path(calib).rglob("*")):
+        raise DataError(f"--calib {calib} is a folder without images; text calibration takes a corpus name "
+                        f"({', '.join(CORPORA)}) or a .txt/.jsonl file")
+    return True
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .api import run, run_vision
+    from .api import run
+    from .runs import run_vision
 
     recipe = build_recipe(args)
     out = Path(args.output or f"runs/{recipe.method}-{recipe.scheme.name()}")
     if _vision_job(args, recipe):
+        refused = [flag for flag, given in (("--tta", args.tta), ("--tasks", args.tasks),
+                                            ("--format compressed-tensors", args.format == "compressed-tensors"))
+                   if given]
+        if refused:
+            raise ConfigError(f"{', '.join(refused)}: not available for vision jobs (causal language models only)")
         evals = [e for e in (args.eval or "retrieval").split(",") if e and e != "none"]
         res = run_vision(args.model, recipe, out, evals=evals, eval_images=args.eval_images,
-                         eval_limit=args.eval_limit, image_size=args.image_size,
-                         device=args.device, overwrite=args.overwrite,
-                         save_model=not args.no_save, progress=not args.quiet).results
+                         eval_limit=args.eval_limit, image_size=args.image_size, device=args.device,
+                         resume=args.resume, overwrite=args.overwrite, save_model=not args.no_save,
+                         progress=not args.quiet).results
         print(f"\nmethod {res['method']}  scheme {res['scheme_name']}  calibration {res['calib_time_s']:.1f}s"
               f"  peak RSS {res['peak_rss_gb']:.2f} GB  ({res['eval']['images']} images)")
         for key in ("retrieval_top1", "top1"):
@@ -116,16 +208,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"{'feature cosine':>15}  {res['feature_cosine']:.4f}\nrun folder: {out}")
         return 0
     windows = None if args.eval_windows == 0 else args.eval_windows
-    tta = None
-    if args.tta:
-        from .tta import TTAConfig
-
-        tta = TTAConfig(steps=args.tta_steps, lr=args.tta_lr, blocks=args.tta_blocks, windows=args.tta_windows,
-                        seqlen=args.tta_seqlen)
     result = run(
         args.model, recipe, out, eval_datasets=_default_eval(args), eval_seqlen=args.eval_seqlen,
         eval_windows=windows, data_dir=_data_dir(args), device=args.device, resume=args.resume,
-        overwrite=args.overwrite, save_model=not args.no_save, progress=not args.quiet, tta=tta,
+        overwrite=args.overwrite, save_model=not args.no_save, progress=not args.quiet,
         tasks=_tasks(args), limit=args.limit, export_format=args.format,
     )
     _print_summary(result.results, out)
@@ -141,9 +227,11 @@ def _tasks(args: argparse.Namespace) -> list[str] | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .api import evaluate_ppl
+    from .eval.perplexity import evaluate_ppl
     from .models import load_model
+    from .runs import check_device
 
+    check_device(args.device)
     model, tokenizer, display = load_model(args.model)
     windows = None if args.eval_windows == 0 else args.eval_windows
     datasets = _default_eval(args) if args.eval != "none" or not args.tasks else []
@@ -163,11 +251,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from .api import export_run
+    from .export import export_run
     from .export.compressed import dir_size_bytes
 
     path = export_run(args.run_dir, args.output, dtype=torch.float16 if args.dtype == "float16" else None,
-                      export_format=args.format)
+                      export_format=args.format, overwrite=args.overwrite)
     if args.format == "gguf":
         print(f"GGUF file: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     else:
@@ -250,8 +338,10 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--tta-windows", type=int, default=4, help="evaluation windows used for adaptation")
     q.add_argument("--tta-seqlen", type=int, default=512, help="tokens per TTA window")
     q.add_argument("--output", default=None, help="run folder (default runs/<method>-<scheme>)")
-    q.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
-    q.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --output (same recipe and model; a finished run is refused)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace a finished or interrupted run in --output (only the files lrquant writes)")
     q.add_argument("--no-save", action="store_true", help="do not write the fake-quant checkpoint")
     q.add_argument("--format", default="fake", choices=("fake", "compressed-tensors", "gguf"),
                    help="also export a real low-bit checkpoint: compressed-tensors to <output>/compressed, or gguf "
@@ -268,6 +358,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="compressed-tensors folder, or a llama.cpp GGUF file (Q4_0/Q4_1/Q8_0 grids, group 32)")
     x.add_argument("--output", default=None,
                    help="target folder (default <run_dir>/compressed) or .gguf file (default <run_dir>/model.gguf)")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --output that is not a previous export (or an existing .gguf)")
     x.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="dense tensors and scales")
     x.set_defaults(func=cmd_export)
 
@@ -300,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except LrquantError as exc:
         print(f"lrquant: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_status", 2)
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        print(f"lrquant: error: {exc.strerror}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lrquant: interrupted; finished blocks are checkpointed, continue with --resume", file=sys.stderr)

@@ -1,9 +1,15 @@
-"""Atomic file output: a reader never sees a half-written file, and a killed run loses nothing."""
+"""Atomic file output: a reader never sees a half-written file, and a killed run loses nothing.
+
+Files and folders get the permissions ordinary ones would (``0666`` / ``0777`` less the user's umask), not
+the private ``0600`` / ``0700`` of their temporary originals. JSON is always strict: non-finite floats are
+written as ``null``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -15,9 +21,22 @@ import torch
 from safetensors.torch import save_file
 
 
-def _atomic(path: Path, write) -> None:
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mkstemp(path: Path) -> tuple[int, str]:
+    """A temporary sibling of ``path`` (``.<name>.XXXX.tmp``) with ordinary file permissions."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = _mkstemp(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -36,6 +55,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         old = None
@@ -58,17 +78,28 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _atomic(Path(path), lambda fh: fh.write(text.encode()))
 
 
+def strict_json(data: Any) -> Any:
+    """``data`` with every non-finite float (NaN, +-Infinity, which strict JSON cannot hold) as ``None``."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(v) for v in data]
+    return data
+
+
 def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Write ``data`` as strict JSON (non-finite floats become ``null``, see :func:`strict_json`)."""
+    text = json.dumps(strict_json(data), indent=2, sort_keys=False, default=str, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
 def atomic_save_tensors(
     path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
     """Save a flat dict of tensors as safetensors, atomically (contiguous CPU copies)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _mkstemp(Path(path))
     os.close(fd)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)

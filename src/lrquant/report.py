@@ -547,6 +547,8 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
         raise LrquantError("no run directory given")
     runs = load_runs(run_dirs)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LrquantError(f"report --output {out_dir} is a file, not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in (PLOT_PPL, PLOT_BLOCK_LOSS, PLOT_EPOCH_LOSS, PLOT_BLOCK_ERR, PLOT_LAYER_ERR):
         (out_dir / stale).unlink(missing_ok=True)

@@ -10,7 +10,7 @@ Models: transformers vision models (``model(pixel_values=...)`` returning ``.log
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,3 +110,25 @@ def feature_cosine(
     a = embed(fp_model, batch, batch_size, device, progress)
     b = embed(q_model, batch, batch_size, device, progress)
     return float(F.cosine_similarity(a, b, dim=-1).mean())
+
+
+def fp_outputs_cached(model_id: str, model: nn.Module, inputs: Sequence[torch.Tensor],
+                      outputs: Callable[[nn.Module], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``outputs(model)`` of the FP model, cached in the user cache per (model content ``model_id``, its
+    weights as they are in memory, the exact input pixels ``inputs``): every method x scheme run on the same
+    images then pays for the FP pass once."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from ..identity import tensor_digest
+    from ..io import atomic_save_tensors
+    from ..models import cache_dir
+
+    key = f"{model_id}:{tensor_digest(dict(model.state_dict()))}:{tensor_digest(list(inputs))}"
+    path = cache_dir() / "fp_vision" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".safetensors")
+    if path.is_file():
+        return load_file(str(path))
+    out = outputs(model)
+    atomic_save_tensors(path, out)
+    return out

@@ -1,6 +1,9 @@
-"""Export of quantized models (compressed-tensors) and the integer runtime for them (CPU, CUDA)."""
+"""Export of quantized models (compressed-tensors), the qparams a run folder keeps beside its fake-quant
+checkpoint, and the integer runtime for exports (CPU, CUDA)."""
 
 from .compressed import ExportError, export_compressed, load_compressed
 from .kernels import convert_to_runtime
+from .qparams import check_export_target, export_run, quant_state, restore_quant_state
 
-__all__ = ["ExportError", "convert_to_runtime", "export_compressed", "load_compressed"]
+__all__ = ["ExportError", "check_export_target", "convert_to_runtime", "export_compressed", "export_run",
+           "load_compressed", "quant_state", "restore_quant_state"]

@@ -1,0 +1,512 @@
+"""The run layer: one :class:`RunFolder` for every job that writes a run folder, and the steps the text job
+(:func:`lrquant.api.run`) and the vision job (:func:`run_vision`) share.
+
+A run folder holds ``results.json``, ``recipe.yaml``, ``run.log``, ``model/``, ``qparams.safetensors``,
+optionally ``compressed/``, and while a run is unfinished ``checkpoint/`` (the engine's blocks, plus
+``run.json``: the recipe and model identity the checkpoint belongs to). Rules:
+
+* everything that can be checked before work is checked before work, and a refusal changes nothing
+  (a folder created for a refused run is removed again);
+* one process at a time: the folder is locked (an advisory ``flock`` on the folder itself, released when
+  the process ends, however it ends);
+* nothing lrquant did not write is deleted or replaced: a non-empty folder that is not a run folder is
+  refused unless ``--overwrite``, and even then only the names above are replaced;
+* ``recipe.yaml`` and ``results.json`` are replaced together at the very end, after ``model/``; while a
+  run replaces a finished one its old ``results.json`` is removed first, so the folder never shows old
+  results beside a new model; ``--resume`` continues an interrupted run only (a finished one is refused
+  unless ``--overwrite``) and only with the same recipe and the same model content;
+* temp files and folders left by a killed save (``.model.XXXX/`` ...) are removed when the folder is next
+  opened; a run whose quality is not finite says so (:class:`NonFiniteResultError`) after saving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch.base import CheckpointLayout
+from .config import Recipe
+from .errors import ConfigError, LrquantError
+from .io import atomic_dir, atomic_save_tensors, atomic_write_json
+
+log = logging.getLogger("lrquant")
+
+RESULTS, RECIPE, LOG, MODEL = "results.json", "recipe.yaml", "run.log", "model"
+QPARAMS, COMPRESSED, GGUF = "qparams.safetensors", "compressed", "model.gguf"
+CHECKPOINT, RUN_STATE = "checkpoint", "run.json"
+OWNED = (RESULTS, RECIPE, LOG, MODEL, QPARAMS, COMPRESSED, GGUF, CHECKPOINT)
+ARTIFACTS = (MODEL, QPARAMS, COMPRESSED, GGUF)
+QUALITY_KEYS = ("fp_ppl", "ppl", "ppl_tta", "fp_top1", "top1", "fp_retrieval_top1", "retrieval_top1",
+                "feature_cosine")
+FORMATS = ("fake", "compressed-tensors", "gguf")
+
+
+class NonFiniteResultError(LrquantError):
+    """The run finished and was saved, but a quality number is NaN or infinite."""
+
+    exit_status = 3
+
+
+def _is_temp_of_ours(name: str) -> bool:
+    """A temp file or folder of an atomic write of one of :data:`OWNED` (``.<name>.XXXX[.tmp]``)."""
+    return any(name.startswith(f".{owned}.") for owned in OWNED)
+
+
+class RunFolder:
+    """One job's output folder: checks, lock, log, recipe, results, model and qparams, cleanup (see the
+    module docstring for the rules)."""
+
+    def __init__(self, path: str | Path, *, overwrite: bool = False, resume: bool = False) -> None:
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self.resume = resume
+        self._written: set[str] = set()
+        self._was_run = False
+
+    # ---- state -----------------------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return (self.path / RESULTS).is_file()
+
+    @property
+    def interrupted(self) -> bool:
+        return (self.path / CHECKPOINT).is_dir()
+
+    def completed_blocks(self) -> int:
+        """How many blocks the checkpoint holds (what a resume restores)."""
+        try:
+            return int(json.loads((self.path / CHECKPOINT / "state.json").read_text())["completed"]) + 1
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    # ---- checks (no side effects) ----------------------------------------------------------------------
+    def check(self) -> None:
+        """The overwrite and resume rules and writability; raises :class:`ConfigError` with one line."""
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"--output {p} is a file, not a folder")
+        existing = next(a for a in (p, *p.absolute().parents) if a.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"--output {p}: {existing} is not writable")
+        if not p.exists():
+            return
+        if self.resume and self.finished and not self.overwrite:
+            raise ConfigError(f"{p} holds a finished run; --resume continues an interrupted run only "
+                              "(pass --overwrite to redo it)")
+        if self.finished and not (self.overwrite or self.resume):
+            raise ConfigError(f"{p} already holds a finished run; pass --overwrite or choose another --output")
+        if self.interrupted and not (self.resume or self.overwrite):
+            raise ConfigError(f"{p} holds an interrupted run; pass --resume to continue it or --overwrite")
+        self._was_run = self.finished or self.interrupted or (p / RECIPE).is_file()
+        foreign = sorted(e.name for e in p.iterdir() if e.name not in OWNED and not _is_temp_of_ours(e.name))
+        if foreign and not self._was_run and not self.overwrite:
+            raise ConfigError(f"--output {p} holds files lrquant did not write ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}); choose a new folder or pass --overwrite")
+
+    def check_resume(self, recipe: Recipe, model_id: str) -> None:
+        """Refuse, before any work, to resume a checkpoint made with another recipe or another model."""
+        state = self.path / CHECKPOINT / RUN_STATE
+        if not (self.resume and state.is_file()):
+            return
+        try:
+            saved = json.loads(state.read_text())
+        except (OSError, ValueError) as exc:
+            raise LrquantError(f"{state} is unreadable ({type(exc).__name__}); pass --overwrite to start over") from exc
+        if saved.get("model") != model_id:
+            raise ConfigError(f"the checkpoint in {self.path} was made with another model (by content); "
+                              "use another --output or --overwrite")
+        if saved.get("recipe") != recipe.to_dict():
+            old = saved.get("recipe") or {}
+            keys = sorted(k for k in {*old, *recipe.to_dict()} if old.get(k) != recipe.to_dict().get(k))
+            raise ConfigError(f"the checkpoint in {self.path} was made with another recipe (differs in: "
+                              f"{', '.join(keys)}); use the same flags, another --output, or --overwrite")
+
+    # ---- open: create, lock, re-check, clean, log ------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder's advisory lock (refuse if another process holds it)."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LrquantError(f"another lrquant process is using {self.path}; wait for it or choose "
+                                   "another folder") from None
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[RunFolder]:
+        """Create and lock the folder, re-check the rules under the lock, remove temp leftovers of killed
+        writes and log to ``run.log`` until the block ends. A refusal removes a folder it created."""
+        created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LrquantError(f"cannot create --output {self.path}: {exc.strerror}") from exc
+        try:
+            with self.locked():
+                self.check()
+                self._remove_temps()
+                with self._logging():
+                    yield self
+        except BaseException:
+            if created and not any(self.path.iterdir()):
+                self.path.rmdir()
+            raise
+
+    def _remove_temps(self) -> None:
+        for entry in self.path.iterdir():
+            if _is_temp_of_ours(entry.name):
+                log.info("removing %s left by an interrupted write", entry)
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        ckpt = self.path / CHECKPOINT
+        for entry in ckpt.glob(".*.tmp") if ckpt.is_dir() else ():
+            entry.unlink()
+
+    @contextlib.contextmanager
+    def _logging(self) -> Iterator[None]:
+        handler = logging.FileHandler(self.path / LOG)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setLevel(logging.INFO)
+        log.addHandler(handler)
+        old_level = log.level
+        if log.getEffectiveLevel() > logging.INFO:
+            log.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            log.removeHandler(handler)
+            log.setLevel(old_level)
+            handler.close()
+
+    # ---- writing -----------------------------------------------------------------------------------------
+    def begin(self, recipe: Recipe, model_id: str) -> int:
+        """Start (or continue) the block loop's checkpoint; returns how many finished blocks it holds."""
+        ckpt = self.path / CHECKPOINT
+        if not self.resume:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        if not (ckpt / RUN_STATE).is_file():
+            atomic_write_json(ckpt / RUN_STATE, {"recipe": recipe.to_dict(), "model": model_id})
+        return self.completed_blocks() if self.resume else 0
+
+    def replacing(self) -> None:
+        """About to write artifacts: an old finished result no longer describes this folder."""
+        (self.path / RESULTS).unlink(missing_ok=True)
+
+    def save_model(self, model: nn.Module, processor: Any, layout: CheckpointLayout | None = None) -> None:
+        """``model/``: in a family's own checkpoint ``layout``, or a fake-quant transformers checkpoint that
+        plain transformers loads (with ``processor``'s files), written atomically."""
+        target = self.path / MODEL
+        if layout is not None:
+            layout.save_model(model, target)
+        else:
+            config = getattr(model, "config", None)
+            impl = getattr(config, "_attn_implementation", None)
+            with atomic_dir(target) as tmp:
+                if impl == "lrquant":  # our attention hook is an in-memory detail: save the standard SDPA
+                    config._attn_implementation = "sdpa"
+                try:
+                    model.save_pretrained(tmp)
+                finally:
+                    if impl == "lrquant":
+                        config._attn_implementation = impl
+                if processor is not None and hasattr(processor, "save_pretrained"):
+                    processor.save_pretrained(tmp)
+        self._written.add(MODEL)
+
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        atomic_save_tensors(self.path / name, tensors)
+        self._written.add(name)
+
+    def export(self, export_format: str, model: nn.Module, recipe: Recipe, processor: Any,
+               online_ops: list[str]) -> dict[str, Any]:
+        """``compressed/`` (compressed-tensors) or ``model.gguf``, dense tensors in float16; returns the
+        ``results.json`` entry."""
+        if export_format == "gguf":
+            from .export.gguf import export_gguf
+
+            path = export_gguf(model, recipe.scheme, self.path / GGUF, processor, dtype=torch.float16,
+                               online_ops=online_ops)
+            size = path.stat().st_size
+        else:
+            from .export import export_compressed
+            from .export.compressed import dir_size_bytes
+
+            path = export_compressed(model, recipe.scheme, self.path / COMPRESSED, processor, dtype=torch.float16,
+                                     online_ops=online_ops)
+            size = dir_size_bytes(path)
+        self._written.add(path.name)
+        return {"format": export_format, "path": str(path), "size_mb": round(size / 2**20, 1)}
+
+    def finish(self, results: dict[str, Any], recipe: Recipe) -> None:
+        """Drop stale artifacts of an earlier run that this run did not write, then ``recipe.yaml`` and
+        ``results.json`` (strict JSON), then the checkpoint. Raises :class:`NonFiniteResultError` after
+        saving when a quality number is not finite."""
+        for name in ARTIFACTS:
+            stale = self.path / name
+            if self._was_run and name not in self._written and stale.exists():
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        bad = sorted(f"{key}[{k}]" if k else key for key in QUALITY_KEYS if key in results
+                     for k, v in (results[key].items() if isinstance(results[key], dict) else [("", results[key])])
+                     if isinstance(v, float) and not math.isfinite(v))
+        if bad:
+            results["non_finite"] = bad
+        recipe.save(self.path / RECIPE)
+        atomic_write_json(self.path / RESULTS, results)
+        shutil.rmtree(self.path / CHECKPOINT, ignore_errors=True)
+        if bad:
+            raise NonFiniteResultError(f"the quantized model's quality is not finite ({', '.join(bad)}); the run "
+                                       f"was saved in {self.path} (results.json records null)")
+
+
+# ---- checks shared by every job ------------------------------------------------------------------------
+def check_device(device: str) -> None:
+    """Refuse an unknown device string or a device this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
+    backend = getattr(torch, dev.type, None)
+    if dev.type != "cpu" and not (backend is not None and hasattr(backend, "is_available") and backend.is_available()):
+        raise ConfigError(f"--device {device}: no {dev.type} device is available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
+def check_format(recipe: Recipe, export_format: str | None) -> None:
+    """Refuse, before any work, an export the recipe cannot produce."""
+    if export_format in (None, "fake"):
+        return
+    if export_format not in FORMATS:
+        raise ConfigError(f"unknown --format {export_format!r}; use {' or '.join(FORMATS)}")
+    if recipe.scheme.weights is None:
+        raise ConfigError(f"scheme {recipe.scheme.name()} quantizes no weights: {export_format} has no "
+                          "activation-only format")
+    if recipe.rotation is not None:
+        raise ConfigError(f"--format {export_format} cannot carry the online Hadamard rotation of --rotate; "
+                          "drop one of them")
+    if export_format == "gguf":  # a grid GGUF has no type for
+        from .export.gguf import gguf_quant_type
+
+        gguf_quant_type(recipe.scheme)
+
+
+def prepare_job(model_name: str, recipe: Recipe, output_dir: str | Path, *, device: str, resume: bool,
+                overwrite: bool, export_format: str | None = None) -> tuple[RunFolder, str]:
+    """Every check a quantize job can make before loading anything; returns the (not yet opened) run
+    folder and the model's content identity."""
+    from .identity import model_identity
+    from .methods import get_method
+
+    get_method(recipe.method)
+    check_device(device)
+    check_format(recipe, export_format)
+    folder = RunFolder(output_dir, overwrite=overwrite, resume=resume)
+    folder.check()
+    model_id = model_identity(model_name)
+    folder.check_resume(recipe, model_id)
+    return folder, model_id
+
+
+def results_header(job: str, display: str, model_id: str, recipe: Recipe) -> dict[str, Any]:
+    return {"job": job, "model": display, "model_id": model_id, "method": recipe.method,
+            "scheme": asdict(recipe.scheme), "scheme_name": recipe.scheme.name(), "recipe": recipe.to_dict()}
+
+
+def quantize_into(folder: RunFolder, model: nn.Module, recipe: Recipe, calib: Any, results: dict[str, Any],
+                  model_id: str, device: str, progress: bool) -> Any:
+    """Quantize with the folder's checkpoint (resumable: the fingerprint is the recipe, the model's content
+    and the calibration tensors' digest) and record blocks, errors, online ops, rotation and the
+    calibration time (restored blocks counted with their recorded seconds). Returns the QuantizeResult."""
+    from .api import quantize
+    from .engine import layer_errors
+    from .identity import tensor_digest
+
+    restored = folder.begin(recipe, model_id)
+    log.info("model %s, method %s, scheme %s%s", results["model"], recipe.method, recipe.scheme.name(),
+             f", resuming after {restored} blocks" if restored else "")
+    t0 = time.time()
+    qr = quantize(model, recipe, calib, device=device, checkpoint_dir=folder.path / CHECKPOINT,
+                  resume=folder.resume, progress=progress, model_name=f"{model_id}|calib:{tensor_digest(calib)}")
+    results["blocks"] = [asdict(r) for r in qr.reports]
+    results["calib_time_s"] = round(time.time() - t0 + sum(b["seconds"] for b in results["blocks"][:restored]), 2)
+    if restored:
+        results["resumed_blocks"] = restored
+    results["layer_errors"] = layer_errors(model)
+    results["online_ops"] = qr.online_ops
+    rot = recipe.rotation
+    if rot is not None:
+        from .transforms.rotation import online_specs
+
+        results["rotation"] = {"method": rot.kind, "seed": rot.seed, "online_value": rot.online_value,
+                               "online": online_specs(model)}
+    return qr
+
+
+def finish_job(folder: RunFolder, model: nn.Module, processor: Any, results: dict[str, Any], recipe: Recipe, *,
+               save_model: bool, export_format: str | None, online_ops: list[str],
+               layout: CheckpointLayout | None = None) -> None:
+    """Resources, then (in this order) the model and qparams (in the family's checkpoint ``layout`` if it
+    declares one), the export, recipe and results."""
+    from .export.qparams import quant_state
+
+    results["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)
+    if torch.cuda.is_available():
+        results["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+    folder.replacing()
+    if save_model:
+        folder.save_model(model, processor, layout)
+        qparams = quant_state(model)
+        folder.save_tensors(QPARAMS, layout.rename_qparams(qparams) if layout else qparams)
+    if export_format not in (None, "fake"):
+        results["export"] = folder.export(export_format, model, recipe, processor, online_ops)
+    folder.finish(results, recipe)
+
+
+# ---- post-steps ----------------------------------------------------------------------------------------
+def run_tta(q_model: nn.Module, model_name: str, method: Any, tokenizer: Any, datasets: list[str], seqlen: int,
+            windows: int | None, data_dir: str | None, device: str, progress: bool
+            ) -> tuple[dict[str, float], dict[str, Any]]:
+    """The recipe's TTA post-step per dataset: adapt the last blocks on its (unlabeled) evaluation stream,
+    measure PPL, restore the calibrated blocks. Returns ``({dataset: ppl}, {dataset: report})``."""
+    from .arch.base import get_mapping, set_submodule
+    from .data.text import eval_tokens
+    from .eval.perplexity import evaluate_ppl
+    from .models import load_model
+    from .tta import adapt
+
+    step = method.recipe.tta
+    fp_model, _, _ = load_model(model_name)
+    ppl, info = {}, {}
+    for name in datasets:
+        slots = get_mapping(q_model).block_list(q_model)
+        saved = {slots[i][0]: copy.deepcopy(slots[i][1]) for i in range(len(slots) - step.blocks, len(slots))}
+        report = adapt(q_model, fp_model, method, eval_tokens(tokenizer, name, data_dir=data_dir), step, device)
+        ppl[name] = evaluate_ppl(q_model, tokenizer, [name], seqlen, windows, data_dir, device, progress)[name]["ppl"]
+        info[name] = {**asdict(report), "config": asdict(step)}
+        log.info("TTA on %s: %.1fs, perplexity %.4f", name, report.seconds, ppl[name])
+        for block_name, block in saved.items():
+            set_submodule(q_model, block_name, block)
+    return ppl, info
+
+
+def check_tta_blocks(model: nn.Module, recipe: Recipe) -> None:
+    """Refuse, before calibrating, a TTA post-step that adapts more blocks than the model has."""
+    from .arch.base import get_mapping
+
+    n = len(get_mapping(model).block_list(model))
+    if recipe.tta is not None and recipe.tta.blocks > n:
+        raise ConfigError(f"--tta-blocks {recipe.tta.blocks} exceeds the model's {n} blocks")
+
+
+# ---- the vision job -------------------------------------------------------------------------------------
+VISION_EVALS = ("top1", "retrieval")
+
+
+def run_vision(
+    model_name: str,
+    recipe: Recipe,
+    output_dir: str | Path,
+    *,
+    evals: list[str],
+    eval_images: str | None = None,
+    eval_limit: int | None = None,
+    image_size: int | None = None,
+    device: str = "cpu",
+    resume: bool = False,
+    overwrite: bool = False,
+    save_model: bool = True,
+    progress: bool = True,
+) -> Any:
+    """The vision job: calibrate on an image folder (``recipe.calib.dataset``), measure ``top1``
+    (classifiers, ImageNet-layout labelled folder) and/or ``retrieval`` (two-crop retrieval top-1 with
+    the backbone's ``pooler_output``) before and after quantization, plus the mean cosine between FP and
+    quantized features; writes the same run folder as :func:`lrquant.api.run` (resumable; no TTA, no
+    compressed-tensors export: those take causal LMs). Returns a :class:`lrquant.api.RunResult`.
+
+    ``image_size``: side of the square model input; default: the mapping's ``eval_image_size`` (DINOv2
+    is pretrained at 518 but interpolates its position embeddings and is evaluated at 224), else the
+    config's ``image_size``, else 224.
+
+    timm models (``timm:...`` names, see :func:`lrquant.models.load_timm`): normalisation and crop from
+    their ``pretrained_cfg``; the quantized model is saved in timm's own layout (q/k/v re-fused into
+    ``qkv``, :func:`lrquant.arch.timm_checkpoint.save_timm`), loadable again as ``timm:<run>/model``."""
+    from .api import RunResult
+    from .arch.base import get_mapping
+    from .data.images import calibration_images, load_image_folder, model_preprocessing, preprocess, two_crop_pairs
+    from .errors import DataError
+    from .eval.vision import embed, fp_outputs_cached, input_name, logits, retrieval_top1_from_embeddings
+    from .models import load_model
+
+    unknown = set(evals) - set(VISION_EVALS)
+    if unknown:
+        raise ConfigError(f"unknown vision evaluation {sorted(unknown)}; known: {', '.join(VISION_EVALS)}")
+    if recipe.tta is not None:
+        raise ConfigError("test-time adaptation runs on text evaluation streams; vision jobs take no --tta")
+    folder, model_id = prepare_job(model_name, recipe, output_dir, device=device, resume=resume,
+                                   overwrite=overwrite)
+    with folder.open():
+        model, processor, display = load_model(model_name, kind="vision")
+        mapping = get_mapping(model)
+        size = image_size or mapping.eval_image_size
+        size = size or getattr(getattr(model, "config", None), "image_size", 224)
+        size = size if isinstance(size, int) else 224
+        c = recipe.calib
+        prep = model_preprocessing(model, processor)  # timm pretrained_cfg, else the image processor, else ImageNet
+        calib = calibration_images(c.dataset, c.nsamples, c.seed, size=size, **prep, input_name=input_name(model))
+        items = load_image_folder(eval_images or c.dataset, limit=eval_limit)
+        paths = [p for p, _ in items]
+        labels = [label for _, label in items]
+        if "top1" in evals and any(label is None for label in labels):
+            raise DataError("top1 needs a label for every image (the folder has unlabelled images)")
+        results = {**results_header("vision", display, model_id, recipe), "eval": {"images": len(items), "size": size}}
+        pairs = two_crop_pairs(paths, size=size, mean=prep["mean"], std=prep["std"]) if "retrieval" in evals else None
+        pixels = preprocess(paths, size=size, **prep) if "top1" in evals else None
+
+        def outputs(m: nn.Module) -> dict[str, torch.Tensor]:
+            """What the metrics need from one model: crop embeddings ``[N, H]`` and/or logits ``[N, C]``."""
+            out: dict[str, torch.Tensor] = {}
+            if pairs is not None:
+                out["first"] = embed(m, pairs[0], device=device, progress=progress)
+                out["second"] = embed(m, pairs[1], device=device, progress=progress)
+            if pixels is not None:
+                with torch.no_grad():
+                    out["logits"] = torch.cat([logits(m, x.to(device)).float().cpu() for x in pixels.split(32)])
+            return out
+
+        def measure(o: dict[str, torch.Tensor], prefix: str) -> None:
+            if "first" in o:
+                results[f"{prefix}retrieval_top1"] = retrieval_top1_from_embeddings(o["first"], o["second"])
+            if "logits" in o:
+                results[f"{prefix}top1"] = float((o["logits"].argmax(-1) == torch.as_tensor(labels)).float().mean())
+
+        inputs = [*(pairs or ()), *((pixels,) if pixels is not None else ())]
+        fp_out = fp_outputs_cached(model_id, model, inputs, outputs)  # before quantize changes the model
+        measure(fp_out, "fp_")
+        qr = quantize_into(folder, model, recipe, calib, results, model_id, device, progress)
+        q_out = outputs(model)
+        measure(q_out, "")
+        # backbones: cosine of the first-crop embeddings; classifiers: cosine of the logits
+        key = "first" if pairs is not None else "logits"
+        results["feature_cosine"] = float(torch.nn.functional.cosine_similarity(fp_out[key], q_out[key], dim=-1).mean())
+        finish_job(folder, model, processor, results, recipe, save_model=save_model, export_format=None,
+                   online_ops=qr.online_ops, layout=mapping.checkpoint_layout)
+        return RunResult(results, model, processor)
+
