@@ -145,32 +145,35 @@ def run(
     """Run one quantization job end to end in the run folder ``output_dir`` (see :mod:`lrquant.runs` for
     its rules); writes ``results.json`` (also returned) and the model. Every check that needs no model runs
     before anything is loaded; the TTA post-step (``recipe.tta``) adapts on each evaluation corpus."""
-    from .eval.perplexity import evaluate_ppl, fp_ppl_cached
+    from .eval.perplexity import evaluate_ppl, fp_ppl_cached, load_eval_sets
     from .runs import check_tta_blocks, finish_job, prepare_job, quantize_into, results_header, run_tta
 
     eval_datasets = eval_datasets or []
     if recipe.tta is not None and not eval_datasets:
         raise ConfigError("test-time adaptation adapts on the evaluation streams: --tta needs --eval corpora")
+    if tasks:
+        from .eval.zeroshot import resolve_tasks, run_zeroshot
+
+        resolve_tasks(tasks)
     folder, model_id = prepare_job(model_name, recipe, output_dir, device=device, resume=resume,
                                    overwrite=overwrite, export_format=export_format)
+    model, tokenizer, display = load_model(model_name)
+    validate_scheme(model, recipe)
+    check_tta_blocks(model, recipe)
+    calib = calibration_data(recipe, tokenizer, data_dir)
+    eval_sets = load_eval_sets(tokenizer, eval_datasets, data_dir)
     with folder.open():
-        model, tokenizer, display = load_model(model_name)
-        check_tta_blocks(model, recipe)
-        calib = calibration_data(recipe, tokenizer, data_dir)
         results = {**results_header("text", display, model_id, recipe),
                    "eval": {"seqlen": eval_seqlen, "windows": eval_windows}}
-        if eval_datasets:
-            fp = fp_ppl_cached(model_id, model, tokenizer, eval_datasets, eval_seqlen, eval_windows, data_dir,
-                               device, progress)
+        if eval_sets:
+            fp = fp_ppl_cached(model_id, model, eval_sets, eval_seqlen, eval_windows, device, progress)
             results["fp_ppl"] = {k: v["ppl"] for k, v in fp.items()}
             log.info("FP perplexity %s", results["fp_ppl"])
         if tasks:
-            from .eval.zeroshot import run_zeroshot
-
             results["fp_zeroshot"] = run_zeroshot(model, tokenizer, tasks, limit=limit)
         qr = quantize_into(folder, model, recipe, calib, results, model_id, device, progress)
-        if eval_datasets:
-            q = evaluate_ppl(model, tokenizer, eval_datasets, eval_seqlen, eval_windows, data_dir, device, progress)
+        if eval_sets:
+            q = evaluate_ppl(model, eval_sets, eval_seqlen, eval_windows, device, progress)
             results["ppl"] = {k: v["ppl"] for k, v in q.items()}
             results["eval"]["detail"] = q
             log.info("quantized perplexity %s", results["ppl"])
@@ -178,8 +181,8 @@ def run(
             results["zeroshot"] = run_zeroshot(model, tokenizer, tasks, limit=limit)
             results["zeroshot_limit"] = limit
         if recipe.tta is not None:
-            results["ppl_tta"], results["tta"] = run_tta(model, model_name, qr.method, tokenizer, eval_datasets,
-                                                         eval_seqlen, eval_windows, data_dir, device, progress)
+            results["ppl_tta"], results["tta"] = run_tta(model, model_name, qr.method, eval_sets, eval_seqlen,
+                                                         eval_windows, device, progress)
         finish_job(folder, model, tokenizer, results, recipe, save_model=save_model, export_format=export_format,
                    online_ops=qr.online_ops)
         return RunResult(results, model, tokenizer)

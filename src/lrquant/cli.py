@@ -227,7 +227,7 @@ def _tasks(args: argparse.Namespace) -> list[str] | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.perplexity import evaluate_ppl
+    from .eval.perplexity import evaluate_ppl, load_eval_sets
     from .models import load_model
     from .runs import check_device
 
@@ -235,7 +235,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer, display = load_model(args.model)
     windows = None if args.eval_windows == 0 else args.eval_windows
     datasets = _default_eval(args) if args.eval != "none" or not args.tasks else []
-    res = evaluate_ppl(model, tokenizer, datasets, args.eval_seqlen, windows, _data_dir(args),
+    res = evaluate_ppl(model, load_eval_sets(tokenizer, datasets, _data_dir(args)), args.eval_seqlen, windows,
                        args.device, progress=not args.quiet)
     print(f"model {display}")
     for name, r in res.items():

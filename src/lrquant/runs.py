@@ -381,13 +381,12 @@ def finish_job(folder: RunFolder, model: nn.Module, processor: Any, results: dic
 
 
 # ---- post-steps ----------------------------------------------------------------------------------------
-def run_tta(q_model: nn.Module, model_name: str, method: Any, tokenizer: Any, datasets: list[str], seqlen: int,
-            windows: int | None, data_dir: str | None, device: str, progress: bool
-            ) -> tuple[dict[str, float], dict[str, Any]]:
-    """The recipe's TTA post-step per dataset: adapt the last blocks on its (unlabeled) evaluation stream,
-    measure PPL, restore the calibrated blocks. Returns ``({dataset: ppl}, {dataset: report})``."""
+def run_tta(q_model: nn.Module, model_name: str, method: Any, eval_sets: dict[str, torch.Tensor], seqlen: int,
+            windows: int | None, device: str, progress: bool) -> tuple[dict[str, float], dict[str, Any]]:
+    """The recipe's TTA post-step per evaluation set (``{name: tokens [1, T]}``): adapt the last blocks on
+    its (unlabeled) stream, measure PPL, restore the calibrated blocks. Returns ``({name: ppl},
+    {name: report})``."""
     from .arch.base import get_mapping, set_submodule
-    from .data.text import eval_tokens
     from .eval.perplexity import evaluate_ppl
     from .models import load_model
     from .tta import adapt
@@ -395,11 +394,11 @@ def run_tta(q_model: nn.Module, model_name: str, method: Any, tokenizer: Any, da
     step = method.recipe.tta
     fp_model, _, _ = load_model(model_name)
     ppl, info = {}, {}
-    for name in datasets:
+    for name, tokens in eval_sets.items():
         slots = get_mapping(q_model).block_list(q_model)
         saved = {slots[i][0]: copy.deepcopy(slots[i][1]) for i in range(len(slots) - step.blocks, len(slots))}
-        report = adapt(q_model, fp_model, method, eval_tokens(tokenizer, name, data_dir=data_dir), step, device)
-        ppl[name] = evaluate_ppl(q_model, tokenizer, [name], seqlen, windows, data_dir, device, progress)[name]["ppl"]
+        report = adapt(q_model, fp_model, method, tokens, step, device)
+        ppl[name] = evaluate_ppl(q_model, {name: tokens}, seqlen, windows, device, progress)[name]["ppl"]
         info[name] = {**asdict(report), "config": asdict(step)}
         log.info("TTA on %s: %.1fs, perplexity %.4f", name, report.seconds, ppl[name])
         for block_name, block in saved.items():
@@ -462,23 +461,23 @@ def run_vision(
         raise ConfigError("test-time adaptation runs on text evaluation streams; vision jobs take no --tta")
     folder, model_id = prepare_job(model_name, recipe, output_dir, device=device, resume=resume,
                                    overwrite=overwrite)
+    model, processor, display = load_model(model_name, kind="vision")
+    mapping = get_mapping(model)
+    size = image_size or mapping.eval_image_size
+    size = size or getattr(getattr(model, "config", None), "image_size", 224)
+    size = size if isinstance(size, int) else 224
+    c = recipe.calib
+    prep = model_preprocessing(model, processor)  # timm pretrained_cfg, else the image processor, else ImageNet
+    calib = calibration_images(c.dataset, c.nsamples, c.seed, size=size, **prep, input_name=input_name(model))
+    items = load_image_folder(eval_images or c.dataset, limit=eval_limit)
+    paths = [p for p, _ in items]
+    labels = [label for _, label in items]
+    if "top1" in evals and any(label is None for label in labels):
+        raise DataError("top1 needs a label for every image (the folder has unlabelled images)")
+    pairs = two_crop_pairs(paths, size=size, mean=prep["mean"], std=prep["std"]) if "retrieval" in evals else None
+    pixels = preprocess(paths, size=size, **prep) if "top1" in evals else None
+    results = {**results_header("vision", display, model_id, recipe), "eval": {"images": len(items), "size": size}}
     with folder.open():
-        model, processor, display = load_model(model_name, kind="vision")
-        mapping = get_mapping(model)
-        size = image_size or mapping.eval_image_size
-        size = size or getattr(getattr(model, "config", None), "image_size", 224)
-        size = size if isinstance(size, int) else 224
-        c = recipe.calib
-        prep = model_preprocessing(model, processor)  # timm pretrained_cfg, else the image processor, else ImageNet
-        calib = calibration_images(c.dataset, c.nsamples, c.seed, size=size, **prep, input_name=input_name(model))
-        items = load_image_folder(eval_images or c.dataset, limit=eval_limit)
-        paths = [p for p, _ in items]
-        labels = [label for _, label in items]
-        if "top1" in evals and any(label is None for label in labels):
-            raise DataError("top1 needs a label for every image (the folder has unlabelled images)")
-        results = {**results_header("vision", display, model_id, recipe), "eval": {"images": len(items), "size": size}}
-        pairs = two_crop_pairs(paths, size=size, mean=prep["mean"], std=prep["std"]) if "retrieval" in evals else None
-        pixels = preprocess(paths, size=size, **prep) if "top1" in evals else None
 
         def outputs(m: nn.Module) -> dict[str, torch.Tensor]:
             """What the metrics need from one model: crop embeddings ``[N, H]`` and/or logits ``[N, C]``."""

@@ -130,21 +130,26 @@ def _summary(r: PerplexityResult) -> dict[str, Any]:
     return {"ppl": r.ppl, "windows": r.windows, "total_windows": r.total_windows, "seconds": round(r.seconds, 2)}
 
 
-def evaluate_ppl(
-    model: nn.Module, tokenizer: Any, datasets: list[str], seqlen: int, windows: int | None,
-    data_dir: str | None, device: str | torch.device, progress: bool = True,
-) -> dict[str, dict[str, Any]]:
-    """``{dataset: {"ppl", "windows", "total_windows", "seconds"}}`` for each corpus's test split."""
+def load_eval_sets(tokenizer: Any, datasets: list[str], data_dir: str | None) -> dict[str, torch.Tensor]:
+    """``{dataset: tokens [1, T]}``: each corpus's test split, tokenized once (bad names fail here)."""
     from ..data.text import eval_tokens
 
-    return {name: _summary(perplexity(model, eval_tokens(tokenizer, name, data_dir=data_dir), seqlen=seqlen,
-                                      max_windows=windows, device=device, progress=progress))
-            for name in datasets}
+    return {name: eval_tokens(tokenizer, name, data_dir=data_dir) for name in datasets}
+
+
+def evaluate_ppl(
+    model: nn.Module, eval_sets: dict[str, torch.Tensor], seqlen: int, windows: int | None,
+    device: str | torch.device, progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """``{dataset: {"ppl", "windows", "total_windows", "seconds"}}`` for ``eval_sets`` (``{name: [1, T]}``)."""
+    return {name: _summary(perplexity(model, tokens, seqlen=seqlen, max_windows=windows, device=device,
+                                      progress=progress))
+            for name, tokens in eval_sets.items()}
 
 
 def fp_ppl_cached(
-    model_id: str, model: nn.Module, tokenizer: Any, datasets: list[str], seqlen: int, windows: int | None,
-    data_dir: str | None, device: str | torch.device, progress: bool = True,
+    model_id: str, model: nn.Module, eval_sets: dict[str, torch.Tensor], seqlen: int, windows: int | None,
+    device: str | torch.device, progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """:func:`evaluate_ppl` of the full-precision model, cached in the user cache per (model content
     ``model_id``, the exact evaluation tokens, seqlen, windows): another model or other data (another
@@ -152,14 +157,12 @@ def fp_ppl_cached(
     import hashlib
     import json
 
-    from ..data.text import eval_tokens
     from ..identity import tensor_digest
     from ..io import atomic_write_json
     from ..models import cache_dir
 
     out: dict[str, dict[str, Any]] = {}
-    for name in datasets:
-        tokens = eval_tokens(tokenizer, name, data_dir=data_dir)
+    for name, tokens in eval_sets.items():
         key = json.dumps([model_id, tensor_digest(tokens), seqlen, windows])
         path = cache_dir() / "fp_ppl" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
         if path.is_file():
