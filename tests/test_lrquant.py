@@ -10,20 +10,20 @@ import torch
 from conftest import tiny_llama
 
 from lrquant import api
-from lrquant.config import CalibArgs, QuantArgs, Recipe, Scheme, TrainArgs
+from lrquant.config import CalibArgs, QuantArgs, Recipe, Scheme, TrainArgs, TTAStep
 from lrquant.errors import ConfigError
 from lrquant.losses import mse, nlc
 from lrquant.methods.lrquant import log_equivalent_scales
 from lrquant.quant.quantizers import QuantLinear
-from lrquant.tta import TTAConfig, adapt
+from lrquant.tta import adapt
 
 CALIB = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
 
 
-def _recipe(method: str, wbits=4, abits=4, group=None, epochs=1, **options) -> Recipe:
+def _recipe(method: str, wbits=4, abits=4, group=None, epochs=1, tta_blocks=0, **options) -> Recipe:
     return Recipe(method=method, scheme=Scheme.from_bits(wbits, abits, group),
                   calib=CalibArgs(nsamples=4, seqlen=16), train=TrainArgs(epochs=epochs, batch_size=2),
-                  options=options)
+                  options=options, post=[TTAStep(blocks=tta_blocks)] if tta_blocks else [])
 
 
 def test_log_equivalent_init_formula():
@@ -93,8 +93,8 @@ def test_lrquant_plus_uses_two_branches_and_vectors(monkeypatch):
 
 
 def test_lrquant_plus_rejects_unknown_roles():
-    with pytest.raises(ConfigError, match="unknown rotation-vector roles"):
-        api.quantize(tiny_llama(), _recipe("lrquant_plus", vectors=["nope"]), CALIB, progress=False)
+    with pytest.raises(ConfigError, match="options.vectors entry must be one of"):
+        _recipe("lrquant_plus", vectors=["nope"])
 
 
 def test_tta_adapts_last_block_on_eval_stream():
@@ -104,7 +104,7 @@ def test_tta_adapts_last_block_on_eval_stream():
     before = copy.deepcopy(q.model.layers[2].state_dict())
     first = copy.deepcopy(q.model.layers[0].state_dict())
     tokens = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(7))
-    report = adapt(q, fp, res.method, tokens, TTAConfig(steps=2, blocks=1, windows=2, seqlen=32, lr=1e-2))
+    report = adapt(q, fp, res.method, tokens, TTAStep(steps=2, blocks=1, windows=2, seqlen=32, lr=1e-2))
     assert report.blocks == [2] and report.final_loss[0] <= report.init_loss[0]
     after = q.model.layers[2].state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)   # the last block changed
@@ -116,5 +116,5 @@ def test_tta_without_state_is_a_clear_error():
     fp = tiny_llama()
     q = copy.deepcopy(fp)
     res = api.quantize(q, _recipe("lrquant"), CALIB, progress=False)
-    with pytest.raises(ConfigError, match="tta_blocks"):
-        adapt(q, fp, res.method, torch.randint(0, 128, (1, 64)), TTAConfig(windows=2, seqlen=32))
+    with pytest.raises(ConfigError, match="no TTA state"):
+        adapt(q, fp, res.method, torch.randint(0, 128, (1, 64)), TTAStep(windows=2, seqlen=32))

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from lrquant import api
 from lrquant.arch import get_mapping
 from lrquant.arch.base import UnsupportedArchitectureError
-from lrquant.config import CalibArgs, QuantArgs, Recipe, Scheme, TrainArgs
+from lrquant.config import CalibArgs, QuantArgs, Recipe, Scheme, TrainArgs, TTAStep
 from lrquant.engine import BlockContext, BlockReport, capture_block_inputs, run_stream
 from lrquant.errors import ConfigError
 from lrquant.methods import get_method
@@ -459,7 +459,7 @@ def test_weight_only_scheme_and_refusals():
     assert getattr(block.self_attn, "attn_quantizer", None) is None
     assert get_method("repquant") is RepQuant
     with pytest.raises(ConfigError, match="test-time adaptation"):
-        RepQuant(_recipe(tta_blocks=1))
+        _recipe().with_tta(TTAStep(blocks=1))
 
 
 @pytest.mark.filterwarnings("ignore:scheme W4A4KV4")

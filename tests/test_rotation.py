@@ -244,15 +244,15 @@ def test_rotate_composes_with_methods_and_is_reported():
     from conftest import tiny_llama
 
     from lrquant import api
-    from lrquant.config import CalibArgs, Recipe, Scheme, TrainArgs
+    from lrquant.config import CalibArgs, Recipe, RotationStep, Scheme, TrainArgs
     from lrquant.errors import ConfigError
 
     calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
     model = tiny_llama()
     res = api.quantize(copy.deepcopy(model), Recipe(method="lrquant", scheme=Scheme.from_bits(4, 4),
                        calib=CalibArgs(nsamples=4, seqlen=16), train=TrainArgs(epochs=1),
-                       options={"rotate": "hadamard"}), calib, progress=False)
+                       pre=[RotationStep("hadamard")]), calib, progress=False)
     assert any(op.endswith("mlp.down_proj.input_transform") for op in res.online_ops)
     assert torch.isfinite(res.model(calib).logits).all()
-    with pytest.raises(ConfigError, match="unknown rotation"):
-        api.quantize(copy.deepcopy(model), Recipe(options={"rotate": "givens"}), calib, progress=False)
+    with pytest.raises(ConfigError, match="pre.rotation.kind must be one of hadamard"):
+        Recipe.from_dict({"pre": [{"rotation": {"kind": "givens"}}]})

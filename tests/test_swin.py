@@ -118,10 +118,11 @@ def test_unsupported_models_get_a_clear_error():
 def test_rotation_and_tta_refuse_stages():
     model = _swin()
     assert "stage" in rotation_problem(model, get_mapping(model))
-    from lrquant.tta import TTAConfig, adapt
+    from lrquant.config import TTAStep
+    from lrquant.tta import adapt
 
     with pytest.raises(UnsupportedArchitectureError, match="staged"):
-        adapt(model, model, None, torch.zeros(1, 8, dtype=torch.long), TTAConfig())
+        adapt(model, model, None, torch.zeros(1, 8, dtype=torch.long), TTAStep())
 
 
 def test_group_size_is_checked_on_every_stage():

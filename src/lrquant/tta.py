@@ -6,7 +6,7 @@ few steps (the method's loss: MSE + NLC for LRQuant), then is evaluated. The ada
 inputs: the evaluation tokens propagated through the quantized model up to that block. No labels are used.
 
 It needs, for each adapted block, the FP block and the calibrated parameter values, which a learned method
-keeps when its recipe has ``options["tta_blocks"] = K`` (see ``LearnedMethod.tta_state``). Adaptation
+keeps when its recipe has the post-step ``tta`` with ``blocks = K`` (see ``LearnedMethod.tta_state``). Adaptation
 re-runs the method's own block step on the new stream, warm-started from the calibrated values.
 """
 
@@ -20,26 +20,9 @@ import torch
 from torch import nn
 
 from .arch.base import get_mapping, set_submodule
-from .config import TrainArgs
+from .config import TrainArgs, TTAStep
 from .engine import BlockContext, BlockReport, block_seed, capture_block_inputs, run_stream
 from .errors import ConfigError, DataError, UnsupportedArchitectureError
-
-
-@dataclass
-class TTAConfig:
-    """``steps``: passes over the adaptation windows; ``lr``: one learning rate for every parameter group
-    (``None``: the calibration rates x 0.1); ``blocks``: how many final blocks adapt; ``windows`` of
-    ``seqlen`` tokens are taken from the start of the evaluation stream."""
-
-    steps: int = 2
-    lr: float | None = None
-    blocks: int = 1
-    windows: int = 4
-    seqlen: int = 512
-
-    def __post_init__(self) -> None:
-        if min(self.steps, self.blocks, self.windows, self.seqlen) <= 0:
-            raise ConfigError("TTA steps, blocks, windows and seqlen must be positive")
 
 
 @dataclass
@@ -56,7 +39,7 @@ def _moved(block: nn.Module, device: torch.device):
 
 
 def adapt(
-    q_model: nn.Module, fp_model: nn.Module, method, tokens: torch.Tensor, cfg: TTAConfig,
+    q_model: nn.Module, fp_model: nn.Module, method, tokens: torch.Tensor, cfg: TTAStep,
     device: str | torch.device = "cpu",
 ) -> TTAReport:
     """Adapt the last ``cfg.blocks`` blocks of ``q_model`` in place on ``tokens [1, T]``.
@@ -80,7 +63,7 @@ def adapt(
     missing = [i for i in range(first, n) if "params" not in state.get(i, {})]
     if missing:
         raise ConfigError(
-            f"no TTA state for blocks {missing}: quantize with a learned method and options.tta_blocks >= "
+            f"no TTA state for blocks {missing}: quantize with a learned method and a tta post-step with blocks >= "
             f"{cfg.blocks} in the same process (a resumed run restores weights, not training state)")
     need = cfg.windows * cfg.seqlen
     if tokens.shape[1] < need:

@@ -6,16 +6,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from typing import TYPE_CHECKING, Any
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..arch.base import SmoothPair
-from ..losses import combined
+from ..losses import combined, massive_token_mask
 from ..quant.quantizers import QuantLinear, UniformQuantizer, quantization_disabled
 from ..transforms import Transform, fold_block, online_ops
 from .base import Method
+from .rounding import prepare_learned
 
 if TYPE_CHECKING:
     from ..engine import BlockContext
@@ -88,40 +91,49 @@ def smooth_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float
     return s.clamp(1e-5, 1e5)
 
 
+@dataclass
+class LearnedOptions:
+    """``amp``: bf16 autocast of the training forward on CUDA."""
+
+    amp: bool = True
+
+
 class LearnedMethod(Method):
     """Block-wise training of quantizer and transform parameters against the FP block output.
 
-    Subclasses choose the transforms (:meth:`make_transforms`), their initialisation and the loss terms.
-    Options (``recipe.options``): ``loss`` (dict of loss weights, default ``{"mse": 1}``), ``q_target``
-    (weight of the extra target: FP block applied to the quantized input, default 0), ``amp`` (bf16
-    autocast on CUDA, default true).
+    Subclasses choose the transforms (:meth:`make_transforms`) and their initialisation; the recipe's
+    ``loss`` (terms, second target, token mask), ``train`` (steps, lr per group, schedule, keep-best),
+    ``clip`` and ``rounding`` sections configure the rest. Every learnable piece declares its parameter
+    groups (``learnable()`` on quantizers and transforms), the loop only asks.
     """
 
+    Options: ClassVar[type] = LearnedOptions
     uses_lwc = True
-    default_lr: dict[str, float] = {"lwc": 1e-2, "let": 5e-3, "rot": 1e-3}
+    roundings: ClassVar[tuple[str, ...]] = ("rtn", "gptq", "learned")
+    default_lr: ClassVar[dict[str, float]] = {"lwc": 1e-2, "let": 5e-3, "rot": 1e-3, "round": 5e-3}
 
     def __init__(self, recipe) -> None:
         super().__init__(recipe)
-        self.options: dict[str, Any] = dict(recipe.options)
         self.lr = {**self.default_lr, **recipe.train.lr}
         self.online_ops: list[str] = []
-        # test-time adaptation: for the last ``tta_blocks`` blocks keep the FP block and the learned
+        # test-time adaptation: for the last ``tta.blocks`` blocks keep the FP block and the learned
         # parameter values (see lrquant.tta); ``warm_start`` seeds the parameters instead of the init
-        self.tta_blocks = int(self.options.get("tta_blocks", 0))
+        self.tta_blocks = recipe.tta.blocks if recipe.tta is not None else 0
         self.tta_state: dict[int, dict[str, Any]] = {}
         self.warm_start: list[torch.Tensor] | None = None
+        self.mask: torch.Tensor | None = None
 
     # ---- to override ---------------------------------------------------------------------------------
     def make_transforms(self, ctx: BlockContext) -> list[Transform]:
         return []
 
     def loss_terms(self) -> dict[str, float]:
-        return dict(self.options.get("loss", {"mse": 1.0}))
+        return self.recipe.loss.terms()
 
     def targets(self, ctx: BlockContext) -> list[tuple[torch.Tensor, float]]:
         """``[(target [N, L, H], weight)]``: FP block on FP input, plus optionally on quantized input."""
         out = [(ctx.fp_out, 1.0)]
-        w = float(self.options.get("q_target", 0.0))
+        w = float(self.recipe.loss.q_target or 0.0)
         if w > 0:
             with torch.no_grad(), quantization_disabled(ctx.block):
                 from ..engine import run_stream
@@ -129,25 +141,39 @@ class LearnedMethod(Method):
                 out.append((run_stream(ctx.block, ctx.q_in, ctx.kwargs, ctx.device, args=ctx.args), w))
         return out
 
+    def token_mask(self, ctx: BlockContext) -> torch.Tensor | None:
+        """``[N, L]`` tokens the loss counts (``loss.mask``), or ``None`` for all; the kept share and the
+        masked positions go to the block report."""
+        if self.recipe.loss.mask == "none" or ctx.fp_out.dim() != 3:
+            return None
+        mask = massive_token_mask(ctx.fp_out, self.recipe.loss.mask_ratio)
+        dropped = int((~mask).sum())
+        if dropped:
+            ctx.report.notes.append(f"loss mask: {dropped} of {mask.numel()} tokens left out (massive norm)")
+        return mask
+
     # ---- the loop -----------------------------------------------------------------------------------
     def trainable(self, ctx: BlockContext, transforms: list[Transform]) -> list[dict[str, Any]]:
-        lwc = [p for m in ctx.block.modules() if isinstance(m, UniformQuantizer) and m.lwc
-               for p in (m.upbound_factor, m.lowbound_factor)]
-        let = [p for t in transforms for p in t.parameters()]
-        rot = [m.channel_vector for m in ctx.block.modules()
-               if isinstance(m, QuantLinear) and m.channel_vector is not None]
-        groups = []
-        for name, ps in (("lwc", lwc), ("let", let), ("rot", rot)):
-            if ps:
-                groups.append({"params": ps, "lr": self.lr[name], "name": name})
-        return groups
+        """Parameter groups ``[{params, lr, name}]`` declared by the block's quantizers and transforms."""
+        found: dict[str, list[torch.nn.Parameter]] = {}
+        for m in ctx.block.modules():
+            if isinstance(m, UniformQuantizer):
+                for name, ps in m.learnable().items():
+                    if name != "lwc" or self.recipe.clip.learn:
+                        found.setdefault(name, []).extend(ps)
+            elif isinstance(m, QuantLinear) and m.channel_vector is not None:
+                found.setdefault("rot", []).append(m.channel_vector)
+        for t in transforms:
+            found.setdefault("let", []).extend(t.parameters())
+        return [{"params": ps, "lr": self.lr[name], "name": name} for name, ps in found.items() if ps]
 
     def block_loss(self, ctx: BlockContext, targets, idx: torch.Tensor) -> torch.Tensor:
-        amp = ctx.device.type == "cuda" and self.options.get("amp", True)
+        amp = ctx.device.type == "cuda" and self.opts.amp
         with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=amp):
             out = ctx.forward(ctx.q_in[idx])
         terms = self.loss_terms()
-        return sum(w * combined(out, t[idx].to(ctx.device), terms) for t, w in targets)
+        mask = None if self.mask is None else self.mask[idx]
+        return sum(w * combined(out, t[idx].to(ctx.device), terms, mask) for t, w in targets)
 
     @torch.no_grad()
     def eval_loss(self, ctx: BlockContext, targets) -> float:
@@ -174,8 +200,10 @@ class LearnedMethod(Method):
         if not params:
             return init, init
         scale_lr = 1.0
+        best: tuple[float, list[torch.Tensor]] | None = None
         for attempt in range(LR_RETRIES + 1):
-            if self._train(ctx, transforms, groups, params, targets, ctx.recipe.train.epochs, scale_lr):
+            ok, best = self._train(ctx, transforms, groups, params, targets, scale_lr, init)
+            if ok:
                 break
             self._restore(params, initial, transforms)
             scale_lr *= LR_BACKOFF
@@ -183,6 +211,8 @@ class LearnedMethod(Method):
             msg += f", retrying with lr x{scale_lr:g}" if attempt < LR_RETRIES else " to its initialisation"
             log.warning(msg)
             ctx.report.notes.append(msg)
+        if best is not None:
+            self._restore(params, best[1], ())
         final = self.eval_loss(ctx, targets)
         if not final <= init:
             self._restore(params, initial, transforms)
@@ -207,42 +237,84 @@ class LearnedMethod(Method):
         if keep_for_tta:
             self.tta_state[ctx.index] = {"fp_block": copy.deepcopy(ctx.block).cpu()}
         targets = self.targets(ctx)
+        self.mask = self.token_mask(ctx)
         transforms = self.make_transforms(ctx)
         for t in transforms:
             t.to(ctx.device)
             t.attach(ctx.block)
         for p in ctx.block.parameters():
             p.requires_grad_(False)
+        if self.warm_start is None:
+            self.init_clipping(ctx)
+        if self.recipe.rounding.kind == "learned":
+            prepare_learned(ctx.block)
         groups = self.trainable(ctx, transforms)
         ctx.report.init_loss, ctx.report.final_loss = self.fit(ctx, targets, groups, transforms)
         if keep_for_tta:
             self.tta_state[ctx.index]["params"] = [p.detach().cpu().clone() for g in groups for p in g["params"]]
         self.online_ops.extend(f"{ctx.name}.{op}" for op in online_ops(transforms))
         fold_block(ctx.block)
-        self.freeze_weights(ctx.block)
+        self.round_weights(ctx)
         self.calibrate_static(ctx)
+        self.mask = None
 
-    def _train(self, ctx, transforms, groups, params, targets, epochs: int, scale_lr: float) -> bool:
-        """Returns False on a non-finite loss (the caller rolls back)."""
-        if not params or epochs == 0:
-            return True
-        opt = torch.optim.AdamW([{**g, "lr": g["lr"] * scale_lr} for g in groups],
-                                weight_decay=ctx.recipe.train.weight_decay)
-        for epoch in range(epochs):
+    def steps(self, ctx: BlockContext) -> tuple[int, int]:
+        """``(total optimizer steps, steps between best-iterate checks)`` for this block."""
+        train = ctx.recipe.train
+        per_epoch = math.ceil(len(list(ctx.batches(1, shuffle=False))) / train.batch_size)
+        total = train.iters or train.epochs * per_epoch
+        check = max(1, train.iters // 8) if train.iters else per_epoch
+        return total, check
+
+    def _lr_factor(self, step: int, total: int) -> float:
+        kind = self.recipe.train.lr_schedule
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * step / total))
+        if kind == "linear":
+            return 1.0 - step / total
+        return 1.0
+
+    def _train(self, ctx, transforms, groups, params, targets, scale_lr: float, init: float):
+        """Returns ``(ok, best)``: ``ok`` False on a non-finite loss (the caller rolls back); ``best`` the
+        ``(loss, parameter values)`` of the best iterate when ``train.keep_best``, else ``None``."""
+        total, check = self.steps(ctx)
+        if not params or total == 0:
+            return True, None
+        train = ctx.recipe.train
+        base = [g["lr"] * scale_lr for g in groups]
+        opt = torch.optim.AdamW([{**g, "lr": lr} for g, lr in zip(groups, base, strict=True)],
+                                weight_decay=train.weight_decay)
+        per_epoch = max(1, total if train.iters else total // max(train.epochs, 1))
+        epochs = math.ceil(total / per_epoch)
+        best = (init, [p.detach().clone() for p in params]) if train.keep_best else None
+        step, running, count = 0, 0.0, 0
+        while step < total:
+            epoch = step // per_epoch
             for t in transforms:
                 if hasattr(t, "set_epoch"):
                     t.set_epoch(epoch, epochs)
-            total, count = 0.0, 0
-            for idx in ctx.batches(ctx.recipe.train.batch_size):
+            for idx in ctx.batches(train.batch_size):
+                if step >= total:
+                    break
                 loss = self.block_loss(ctx, targets, idx)
                 if not torch.isfinite(loss):
-                    return False
+                    return False, None
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 ctx.all_reduce_grads(params)
+                factor = self._lr_factor(step, total)
+                for g, lr in zip(opt.param_groups, base, strict=True):
+                    g["lr"] = lr * factor
                 opt.step()
-                total += loss.item() * len(idx)
+                step += 1
+                running += loss.item() * len(idx)
                 count += len(idx)
-            ctx.report.losses.append(total / max(count, 1))
-            ctx.on_progress(f"epoch {epoch + 1}/{epochs} loss {total / max(count, 1):.4g}")
-        return True
+                if step % check == 0 or step == total:
+                    ctx.report.losses.append(running / max(count, 1))
+                    ctx.on_progress(f"step {step}/{total} loss {running / max(count, 1):.4g}")
+                    running, count = 0.0, 0
+                    if best is not None:
+                        current = self.eval_loss(ctx, targets)
+                        if current < best[0]:
+                            best = (current, [p.detach().clone() for p in params])
+        return True, best

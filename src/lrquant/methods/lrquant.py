@@ -3,17 +3,21 @@ two-branch loss)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from ..arch.base import SmoothPair
+from ..config import check_choice
 from ..errors import ConfigError
 from ..quant.quantizers import QuantLinear
 from ..transforms import Transform
 from . import register_method
-from .transformed import OmniQuant
+from .transformed import OmniQuant, OmniQuantOptions
+
+VECTOR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 if TYPE_CHECKING:
     from ..engine import BlockContext
@@ -25,22 +29,45 @@ def log_equivalent_scales(act_absmax: torch.Tensor) -> torch.Tensor:
     return a / torch.log2(2 + a)
 
 
+@dataclass
+class LRQuantOptions(OmniQuantOptions):
+    """``init``: the LET scales' initialisation, ``log`` (activation-equivalent) or ``smoothquant``."""
+
+    init: str = "log"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.init, ("log", "smoothquant"), "options.init")
+
+
 @register_method("lrquant")
 class LRQuant(OmniQuant):
     """OmniQuant's LWC + LET with the logarithmic activation-equivalent initialisation of the scales
-    (option ``init``: ``log`` (default) or ``smoothquant``) and the loss MSE + NLC (option ``loss``,
-    default ``{"mse": 1, "nlc": 1}``). Test-time adaptation: see :mod:`lrquant.tta`."""
+    (option ``init``: ``log`` (default) or ``smoothquant``) and the loss MSE + NLC (preset: ``loss.mse``
+    1, ``loss.nlc`` 1). Test-time adaptation: see :mod:`lrquant.tta`."""
 
-    def loss_terms(self) -> dict[str, float]:
-        return dict(self.options.get("loss", {"mse": 1.0, "nlc": 1.0}))
+    Options: ClassVar[type] = LRQuantOptions
+    loss_preset: ClassVar[dict[str, float]] = {"mse": 1.0, "nlc": 1.0, "q_target": 0.0}
 
     def init_scales(self, ctx: BlockContext, pair: SmoothPair, stats: dict, use_shift: bool):
-        if self.options.get("init", "log") == "smoothquant" or pair.kind == "qk":
+        if self.opts.init == "smoothquant" or pair.kind == "qk":
             return super().init_scales(ctx, pair, stats, use_shift)
         st = stats[pair.prev]
         shift = (st["max"] + st["min"]) / 2 if use_shift else None
         act = (st["max"] - st["min"]) / 2 if use_shift else st["absmax"]
         return log_equivalent_scales(act), shift
+
+
+@dataclass
+class LRQuantPlusOptions(LRQuantOptions):
+    """``vectors``: roles whose linears get rotation vectors (q, k, v, o, gate, up, down)."""
+
+    vectors: list[str] = field(default_factory=lambda: ["q", "o", "up"])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for role in self.vectors:
+            check_choice(role, VECTOR_ROLES, "options.vectors entry")
 
 
 @register_method("lrquant_plus")
@@ -49,22 +76,21 @@ class LRQuantPlus(LRQuant):
     the chosen linears (option ``vectors``: roles among q, k, v, o, gate, up, down; default q, o, up — up
     is fc1 for non-gated MLPs), folded into the quantization scales; and the two-branch loss: the FP
     block on the FP input (error propagation) plus the FP block on the quantized input (homologous
-    reconstruction), MSE + NLC on both (option ``q_target`` weight, default 1)."""
+    reconstruction), MSE + NLC on both (preset ``loss.q_target`` 1)."""
 
-    def targets(self, ctx: BlockContext):
-        self.options.setdefault("q_target", 1.0)
-        return super().targets(ctx)
+    Options: ClassVar[type] = LRQuantPlusOptions
+    loss_preset: ClassVar[dict[str, float]] = {"mse": 1.0, "nlc": 1.0, "q_target": 1.0}
 
     def vector_paths(self, ctx: BlockContext) -> list[str]:
         m = ctx.mapping
         roles = {"q": m.q, "k": m.k, "v": m.v, "o": m.o, "up": m.mlp_in[-1], "down": m.mlp_out}
         if m.gated_mlp:
             roles["gate"] = m.mlp_in[0]
-        wanted = self.options.get("vectors", ["q", "o", "up"])
-        unknown = set(wanted) - set(roles)
-        if unknown:
-            raise ConfigError(f"unknown rotation-vector roles {sorted(unknown)}; known: {sorted(roles)}")
-        return [roles[r] for r in wanted]
+        missing = [r for r in self.opts.vectors if r not in roles]
+        if missing:
+            raise ConfigError(f"rotation-vector roles {missing} do not exist here (no gated MLP); "
+                              f"known: {sorted(roles)}")
+        return [roles[r] for r in self.opts.vectors]
 
     def make_transforms(self, ctx: BlockContext) -> list[Transform]:
         if self.scheme.weights is not None and self.scheme.weights.strategy == "tensor":

@@ -42,7 +42,8 @@ import contextlib
 import copy
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -57,7 +58,7 @@ from ..quant.primitives import fake_quant
 from ..quant.quantizers import QuantLinear, UniformQuantizer, quantization_disabled
 from ..transforms.base import add_param, original
 from . import register_method
-from .learned import LearnedMethod, observe_inputs
+from .learned import LearnedMethod, LearnedOptions, observe_inputs
 
 if TYPE_CHECKING:
     from ..engine import BlockContext
@@ -168,21 +169,38 @@ def per_channel_offsets_possible(block: nn.Module, pair: SmoothPair, mapping: Ar
             and all(getattr(lin, "bias", None) is not None for lin in linears))
 
 
+@dataclass
+class RepQuantOptions(LearnedOptions):
+    """``softmax_bits``: bits of the log√2 softmax quantizer (``None``: the activation bits; 16: off)."""
+
+    softmax_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.softmax_bits is not None and not 2 <= self.softmax_bits <= 16:
+            raise ConfigError(f"options.softmax_bits must be in [2, 16], got {self.softmax_bits}")
+
+
 @register_method("repquant")
 class RepQuant(LearnedMethod):
     """RepQuant: per-channel dual-clip activation quantization and log√2 softmax while calibrating,
     reparameterized exactly to per-tensor / log2-shift inference (see module docstring)."""
 
-    default_lr: dict[str, float] = {**LearnedMethod.default_lr, "clip": 1e-1}
+    Options: ClassVar[type] = RepQuantOptions
+    roundings: ClassVar[tuple[str, ...]] = ("rtn",)
+    default_lr: ClassVar[dict[str, float]] = {**LearnedMethod.default_lr, "clip": 1e-1}
+
+    @classmethod
+    def expand(cls, recipe) -> None:
+        super().expand(recipe)
+        if recipe.tta is not None:
+            raise ConfigError("repquant does not support test-time adaptation (its block step reparameterizes "
+                              "the block)")
 
     def __init__(self, recipe) -> None:
         super().__init__(recipe)
-        if self.tta_blocks:
-            raise ConfigError("repquant does not support test-time adaptation (its block step reparameterizes "
-                              "the block)")
         acts = self.scheme.input_activations
         self.act_bits = acts.num_bits if acts is not None else None
-        bits = self.options.get("softmax_bits", self.act_bits)
+        bits = self.opts.softmax_bits if self.opts.softmax_bits is not None else self.act_bits
         self.softmax_bits = None if bits is None or int(bits) >= 16 else int(bits)
 
     # ---- structure ---------------------------------------------------------------------------------
@@ -318,8 +336,8 @@ class RepQuant(LearnedMethod):
         clip = [p for q in quantizers for p in (q.clip_lower, q.clip_upper)]
         if clip:
             groups.append({"params": clip, "lr": self.lr["clip"], "name": "clip"})
-        lwc = [p for m in ctx.block.modules() if isinstance(m, UniformQuantizer) and m.lwc
-               for p in (m.upbound_factor, m.lowbound_factor)]
+        lwc = [p for m in ctx.block.modules() if isinstance(m, UniformQuantizer)
+               for p in m.learnable().get("lwc", [])] if self.recipe.clip.learn else []
         if lwc:
             groups.append({"params": lwc, "lr": self.lr["lwc"], "name": "lwc"})
         with calibration_view(ctx.block, ctx.mapping):

@@ -26,8 +26,10 @@ def quantize_weights_rtn(model: nn.Module, scheme: Scheme) -> nn.Module:
 
 @register_method("rtn")
 class RTN(Method):
-    """Freeze every weight at its min-max grid; calibrate static activation quantizers if any."""
+    """Freeze every weight on its grid (min-max, or the ``clip.init: mse`` search), through the recipe's
+    rounding stage (``rounding.kind: gptq`` makes this GPTQ); calibrate static activation quantizers."""
 
     def quantize_block(self, ctx) -> None:
-        self.freeze_weights(ctx.block)
+        self.init_clipping(ctx)
+        self.round_weights(ctx)
         self.calibrate_static(ctx)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from ..arch.base import SmoothPair
+from ..config import check_choice, check_range
 from ..transforms import HeadAffine, ScaleShift, Transform
 from ..transforms.rotation import pairs_without_online_inputs
 from ..transforms.scale_shift import pair_channels, shift_possible
 from . import register_method
 from .base import Method
-from .learned import LearnedMethod, channel_stats, smooth_scales, weight_absmax
+from .learned import LearnedMethod, LearnedOptions, channel_stats, smooth_scales, weight_absmax
 
 if TYPE_CHECKING:
     from ..engine import BlockContext
@@ -31,50 +33,87 @@ def init_scale_shift(
     return smooth_scales(act, weight_absmax(ctx, pair), alpha), shift
 
 
+@dataclass
+class SmoothQuantOptions:
+    """``alpha``: migration strength in ``s = max|X|^alpha / max|W|^(1-alpha)``."""
+
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_range(self.alpha, 0.0, 1.0, "options.alpha")
+
+
 @register_method("smoothquant")
 class SmoothQuant(Method):
     """SmoothQuant: migrate activation outliers into the weights at every norm -> linears pair with
-    ``s = max|X|^alpha / max|W|^(1-alpha)`` (option ``alpha``, default 0.5), fold, then RTN."""
+    ``s = max|X|^alpha / max|W|^(1-alpha)``, fold, then the rounding stage (RTN, or GPTQ)."""
+
+    Options: ClassVar[type] = SmoothQuantOptions
 
     def quantize_block(self, ctx: BlockContext) -> None:
         from ..transforms import fold_block
 
-        alpha = float(self.recipe.options.get("alpha", 0.5))
         pairs = tuple(p for p in ctx.mapping.smooth_pairs() if p.kind == "norm")
         stats = channel_stats(ctx, pairs)
         for pair in pairs:
-            scale, _ = init_scale_shift(ctx, pair, stats, alpha, use_shift=False)
+            scale, _ = init_scale_shift(ctx, pair, stats, self.opts.alpha, use_shift=False)
             ScaleShift(pair, ctx.mapping, ctx.config, scale, block=ctx.block).attach(ctx.block)
         fold_block(ctx.block)
-        self.freeze_weights(ctx.block)
+        self.init_clipping(ctx)
+        self.round_weights(ctx)
         self.calibrate_static(ctx)
+
+
+PAIR_KINDS = ("norm", "heads", "qk", "linear")
+SCALE_PARAMS = ("linear", "log")
+
+
+@dataclass
+class OmniQuantOptions(LearnedOptions):
+    """``let``: learn equivalent transforms (``None``: on for weight-activation schemes, off for
+    weight-only, as the paper's scripts); ``alpha``: SmoothQuant init strength; ``pairs``: pair kinds to
+    transform; ``shift``: learn shifts where they fold; ``scale_param``: store the LET scales as they are
+    (``linear``) or as their logarithm (``log``: relative steps, scales stay positive)."""
+
+    let: bool | None = None
+    alpha: float = 0.5
+    pairs: list[str] = field(default_factory=lambda: list(PAIR_KINDS))
+    shift: bool = True
+    scale_param: str = "linear"
+
+    def __post_init__(self) -> None:
+        check_range(self.alpha, 0.0, 1.0, "options.alpha")
+        for kind in self.pairs:
+            check_choice(kind, PAIR_KINDS, "options.pairs entry")
+        check_choice(self.scale_param, SCALE_PARAMS, "options.scale_param")
 
 
 @register_method("omniquant")
 class OmniQuant(LearnedMethod):
     """OmniQuant: learnable weight clipping + learnable equivalent transformation.
 
-    Options: ``let`` (default: on for weight-activation schemes, off for weight-only, as the paper's
-    scripts), ``alpha`` (SmoothQuant init, 0.5), ``pairs`` (pair kinds to transform, default all the
-    mapping offers: norm, heads, qk, linear). Learning rates ``lwc`` 1e-2, ``let`` 5e-3.
+    Options: :class:`OmniQuantOptions`. Learning rates ``lwc`` 1e-2, ``let`` 5e-3.
     """
 
+    Options: ClassVar[type] = OmniQuantOptions
+
     def let_enabled(self) -> bool:
-        default = self.scheme.input_activations is not None
-        return bool(self.options.get("let", default))
+        if self.opts.let is None:  # by scheme, resolved here: a recipe's scheme may change after loading
+            return self.scheme.input_activations is not None
+        return self.opts.let
 
     def pairs(self, ctx: BlockContext) -> tuple[SmoothPair, ...]:
-        kinds = set(self.options.get("pairs", ("norm", "heads", "qk", "linear")))
+        kinds = set(self.opts.pairs)
         if self.scheme.kv_cache is None:
             kinds.discard("qk")  # q <-> k only matters when Q/K are quantized
         # after a rotation pre-step, a scale cannot fold into a linear whose input is rotated online
         return pairs_without_online_inputs((p for p in ctx.mapping.smooth_pairs() if p.kind in kinds), ctx.block)
 
     def init_scales(self, ctx: BlockContext, pair: SmoothPair, stats: dict, use_shift: bool):
-        return init_scale_shift(ctx, pair, stats, float(self.options.get("alpha", 0.5)), use_shift)
+        return init_scale_shift(ctx, pair, stats, self.opts.alpha, use_shift)
 
     def make_transform(self, ctx: BlockContext, pair: SmoothPair, scale, shift) -> Transform:
-        return ScaleShift(pair, ctx.mapping, ctx.config, scale, shift, block=ctx.block)
+        return ScaleShift(pair, ctx.mapping, ctx.config, scale, shift, block=ctx.block, param=self.opts.scale_param)
 
     def make_transforms(self, ctx: BlockContext) -> list[Transform]:
         if not self.let_enabled():
@@ -83,10 +122,21 @@ class OmniQuant(LearnedMethod):
         stats = channel_stats(ctx, pairs)
         out = []
         for pair in pairs:
-            use_shift = shift_possible(pair, ctx.mapping, ctx.block) and self.options.get("shift", True)
+            use_shift = shift_possible(pair, ctx.mapping, ctx.block) and self.opts.shift
             scale, shift = self.init_scales(ctx, pair, stats, use_shift)
             out.append(self.make_transform(ctx, pair, scale, shift))
         return out
+
+
+@dataclass
+class AffineQuantOptions(OmniQuantOptions):
+    """``stability``: the gradual mask's stability factor (diagonal dominance of the affine matrices)."""
+
+    stability: float = 1e-2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self.stability, 0.0, None, "options.stability")
 
 
 @register_method("affinequant")
@@ -95,11 +145,12 @@ class AffineQuant(OmniQuant):
     ``stability`` 1e-2), diagonal elsewhere (a matrix there would not fold). LET is on by default for
     every scheme, weight-only included (the matrices also help weight quantization)."""
 
+    Options: ClassVar[type] = AffineQuantOptions
+
     def let_enabled(self) -> bool:
-        return bool(self.options.get("let", True))
+        return self.opts.let is not False
 
     def make_transform(self, ctx: BlockContext, pair: SmoothPair, scale, shift) -> Transform:
         if pair.kind == "heads" and shift is None:
-            return HeadAffine(pair, ctx.mapping, ctx.config, scale, float(self.options.get("stability", 1e-2)),
-                              block=ctx.block)
-        return ScaleShift(pair, ctx.mapping, ctx.config, scale, shift, block=ctx.block)
+            return HeadAffine(pair, ctx.mapping, ctx.config, scale, self.opts.stability, block=ctx.block)
+        return super().make_transform(ctx, pair, scale, shift)

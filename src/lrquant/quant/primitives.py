@@ -75,9 +75,16 @@ def minmax_qparams(
     return qparams_from_range(xmin, xmax, qmin, qmax, symmetric)
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Quantize then dequantize, differentiable through :func:`round_ste`. Shapes broadcast."""
-    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+def fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+    offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quantize then dequantize, differentiable through :func:`round_ste`. Shapes broadcast.
+
+    ``offset`` (learned rounding, same shape as ``x``, values in ``[-0.5, 0.5]``) is added before rounding,
+    so each element may round the other way (SignRound)."""
+    y = x / scale if offset is None else x / scale + offset
+    q = torch.clamp(round_ste(y) + zero_point, qmin, qmax)
     return (q - zero_point) * scale
 
 

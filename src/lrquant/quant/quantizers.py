@@ -46,6 +46,8 @@ class UniformQuantizer(nn.Module):
         else:
             self.upbound_factor = None
             self.lowbound_factor = None
+        # learned rounding: per-element offsets [rows, cols] before rounding (see enable_learned_rounding)
+        self.rounding_offset: nn.Parameter | None = None
         self.register_buffer("scale", None, persistent=False)
         self.register_buffer("zero_point", None, persistent=False)
         self.register_buffer("obs_min", None, persistent=False)
@@ -62,6 +64,26 @@ class UniformQuantizer(nn.Module):
     def lwc(self) -> bool:
         return self.upbound_factor is not None
 
+    def clip_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(lower, upper)`` clipping factors ``[rows, 1]`` in (0, 1), or ``None`` without LWC."""
+        if not self.lwc:
+            return None
+        return torch.sigmoid(self.lowbound_factor), torch.sigmoid(self.upbound_factor)
+
+    def enable_learned_rounding(self, rows: torch.Tensor) -> nn.Parameter:
+        """Give the quantizer zero rounding offsets shaped like ``rows: [R, C]`` and return them."""
+        self.rounding_offset = nn.Parameter(torch.zeros_like(rows, dtype=torch.float32))
+        return self.rounding_offset
+
+    def learnable(self) -> dict[str, list[nn.Parameter]]:
+        """Parameter groups this quantizer trains: ``lwc`` clip logits, ``round`` rounding offsets."""
+        groups: dict[str, list[nn.Parameter]] = {}
+        if self.lwc:
+            groups["lwc"] = [self.upbound_factor, self.lowbound_factor]
+        if self.rounding_offset is not None:
+            groups["round"] = [self.rounding_offset]
+        return groups
+
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         return as_rows(x, self.args.strategy, self.args.group_size)
 
@@ -69,11 +91,9 @@ class UniformQuantizer(nn.Module):
         """Parameters for ``rows: [R, C]`` -> ``scale, zero_point: [R, 1]`` (or the frozen ones)."""
         if self.mode == "static":
             return self.scale, self.zero_point
-        if self.lwc:
-            return minmax_qparams(
-                rows, self.qmin, self.qmax, self.args.symmetric,
-                torch.sigmoid(self.lowbound_factor), torch.sigmoid(self.upbound_factor),
-            )
+        clip = self.clip_factors()
+        if clip is not None:
+            return minmax_qparams(rows, self.qmin, self.qmax, self.args.symmetric, *clip)
         return minmax_qparams(rows, self.qmin, self.qmax, self.args.symmetric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +109,8 @@ class UniformQuantizer(nn.Module):
                 self.obs_max = hi if self.obs_max is None else torch.maximum(self.obs_max, hi)
             return x
         scale, zp = self.qparams(rows)
-        return fake_quant(rows, scale, zp, self.qmin, self.qmax).reshape(x.shape)
+        offset = None if self.rounding_offset is None else self.rounding_offset.clamp(-0.5, 0.5)
+        return fake_quant(rows, scale, zp, self.qmin, self.qmax, offset).reshape(x.shape)
 
     @torch.no_grad()
     def freeze(self, x: torch.Tensor | None = None) -> None:
@@ -116,6 +137,7 @@ class QuantLinear(nn.Linear):
 
     def __init__(
         self, linear: nn.Linear, weight_args: QuantArgs | None, act_args: QuantArgs | None, lwc: bool = False,
+        lwc_init: float = 4.0,
     ) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -128,7 +150,8 @@ class QuantLinear(nn.Linear):
         self.input_quantizer: UniformQuantizer | None = None
         if weight_args is not None:
             rows = as_rows(linear.weight.detach(), weight_args.strategy, weight_args.group_size).shape[0]
-            self.weight_quantizer = UniformQuantizer(weight_args, lwc_rows=rows if lwc else None, per_input=True)
+            self.weight_quantizer = UniformQuantizer(weight_args, lwc_rows=rows if lwc else None, lwc_init=lwc_init,
+                                                     per_input=True)
         if act_args is not None:
             self.input_quantizer = UniformQuantizer(act_args)
         self.quant_error: float | None = None
@@ -179,6 +202,7 @@ class QuantLinear(nn.Linear):
         self.weight.data.copy_(wq)
         q.upbound_factor = None
         q.lowbound_factor = None
+        q.rounding_offset = None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

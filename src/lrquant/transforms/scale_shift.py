@@ -62,7 +62,8 @@ def shift_possible(pair: SmoothPair, mapping: ArchMapping, block: nn.Module) -> 
 
 
 class ScaleShift(Transform):
-    """Learnable diagonal transform for one pair. ``scale``: ``[C]``; ``shift``: ``[C]`` or ``None``.
+    """Learnable diagonal transform for one pair. ``scale``: ``[C]``; ``shift``: ``[C]`` or ``None``;
+    ``param``: ``linear`` (the parameter is ``s``, clamped at 1e-5) or ``log`` (the parameter is ``log s``).
 
     ``C`` is the prev's channel count, except for ``qk`` where it is ``KV * D`` (or ``KV * D / 2`` with
     RoPE, expanded to both halves of each head). ``block``: the block the transform is for, needed when
@@ -70,9 +71,12 @@ class ScaleShift(Transform):
     """
 
     def __init__(self, pair: SmoothPair, mapping: ArchMapping, config, scale: torch.Tensor,
-                 shift: torch.Tensor | None = None, block: nn.Module | None = None) -> None:
+                 shift: torch.Tensor | None = None, block: nn.Module | None = None, param: str = "linear") -> None:
         super().__init__(pair, mapping)
-        self.scale = nn.Parameter(scale.detach().clone().float())
+        # param "log": the learnable tensor holds log(s) (relative steps, s > 0 without clamping)
+        self.log_param = param == "log"
+        init = scale.detach().clone().float()
+        self.scale = nn.Parameter(init.clamp_min(SCALE_MIN).log() if self.log_param else init)
         self.shift = nn.Parameter(shift.detach().clone().float()) if shift is not None else None
         n, kv, hd = mapping.heads(config, block)
         self.register_buffer("gqa_index", kv_group_index(n, kv, hd), persistent=False)
@@ -81,7 +85,7 @@ class ScaleShift(Transform):
     # ---- the per-channel vectors in a given dtype ---------------------------------------------------
     def s(self, dtype: torch.dtype) -> torch.Tensor:
         """Channel scales ``[C]`` (qk with RoPE: ``[KV * D]``, tied over rotated pairs)."""
-        s = self.scale.to(dtype).clamp_min(SCALE_MIN)
+        s = self.scale.to(dtype).exp() if self.log_param else self.scale.to(dtype).clamp_min(SCALE_MIN)
         if self.pair.kind == "qk" and self.mapping.rope:
             s = s.reshape(self.n_kv, self.head_dim // 2)
             s = torch.cat([s, s], dim=-1).reshape(-1)

@@ -1,0 +1,140 @@
+"""Rounding stages: how a block's weights meet their grid once its transforms and clipping are learned
+and folded. Registered by ``rounding.kind``; every method calls the stage through
+:meth:`lrquant.methods.base.Method.round_weights` and then freezes the weights.
+
+* ``rtn`` — nothing to do: freezing rounds to nearest.
+* ``gptq`` — GPTQ per linear (:mod:`lrquant.quant.gptq`), sequential inside the block: the attention
+  inputs (q, k, v), then o, then the MLP inputs, then the MLP output; each group's Hessian comes from the
+  block's *quantized* input stream run through the block with the earlier groups already on their grids
+  (activation quantizers on, so the Hessian sees what inference sees). The grid of each group of columns
+  is the quantizer's own (LWC-clipped min-max of the current weights; LRQuant+ vectors scale it).
+* ``learned`` — SignRound-style offsets, created by :func:`prepare_learned` before training and trained
+  with the block (lr group ``round``); freezing folds them into the integer codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..config import RoundingArgs
+from ..errors import ConfigError
+from ..quant.gptq import HessianAccumulator, gptq_quantize
+from ..quant.primitives import minmax_qparams
+from ..quant.quantizers import QuantLinear, quant_linears
+
+if TYPE_CHECKING:
+    from ..engine import BlockContext
+
+RoundingStage = Callable[["BlockContext", RoundingArgs], None]
+ROUNDINGS: dict[str, RoundingStage] = {}
+
+
+def register_rounding(kind: str) -> Callable[[RoundingStage], RoundingStage]:
+    """Decorator: make ``fn(ctx, args)`` the stage for ``rounding.kind == kind``."""
+
+    def deco(fn: RoundingStage) -> RoundingStage:
+        ROUNDINGS[kind] = fn
+        return fn
+
+    return deco
+
+
+def get_rounding(kind: str) -> RoundingStage:
+    if kind not in ROUNDINGS:
+        raise ConfigError(f"unknown rounding.kind {kind!r}; available: {', '.join(sorted(ROUNDINGS))}")
+    return ROUNDINGS[kind]
+
+
+@register_rounding("rtn")
+def round_to_nearest(ctx: BlockContext, args: RoundingArgs) -> None:
+    """Freezing rounds to nearest; nothing to do here."""
+
+
+@register_rounding("learned")
+def round_learned(ctx: BlockContext, args: RoundingArgs) -> None:
+    """The offsets were trained with the block; freezing folds them into the codes."""
+
+
+def prepare_learned(block: nn.Module) -> None:
+    """Give every unfrozen weight quantizer of ``block`` zero rounding offsets (trained as group ``round``)."""
+    for lin in quant_linears(block).values():
+        q = lin.weight_quantizer
+        if q is not None and not lin.weight_frozen and q.rounding_offset is None:
+            q.enable_learned_rounding(q.rows(lin.weight.detach()))
+
+
+def sequential_groups(ctx: BlockContext) -> list[tuple[str, ...]]:
+    """The block's linears in dependency order: attention inputs, o, MLP inputs, MLP output."""
+    m = ctx.mapping
+    return [(m.q, m.k, m.v), (m.o,), tuple(m.mlp_in), (m.mlp_out,)]
+
+
+def _grid_fn(lin: QuantLinear) -> Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]:
+    """``(cols [O, g], start) -> scale, zero_point [O, 1]``: the quantizer's grid for one column group."""
+    q = lin.weight_quantizer
+    args = q.args
+    n_groups = lin.in_features // args.group_size if args.strategy == "group" else 1
+    clip = q.clip_factors()
+    vector = lin.channel_vector
+
+    def fn(cols: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        j = start // cols.shape[1] if n_groups > 1 else 0
+        if args.strategy == "tensor":
+            raise ConfigError("rounding.kind gptq needs per-channel or per-group weight scales")
+        lo = hi = 1.0
+        if clip is not None:
+            lo = clip[0].reshape(lin.out_features, n_groups)[:, j:j + 1]
+            hi = clip[1].reshape(lin.out_features, n_groups)[:, j:j + 1]
+        scale, zp = minmax_qparams(cols.float(), q.qmin, q.qmax, args.symmetric, lo, hi)
+        if vector is not None:
+            scale = scale * vector.detach()[:, None]
+        return scale, zp
+
+    return fn
+
+
+@register_rounding("gptq")
+@torch.no_grad()
+def round_gptq(ctx: BlockContext, args: RoundingArgs) -> None:
+    """GPTQ on every linear of the block, group by group (see the module docstring)."""
+    linears = quant_linears(ctx.block)
+    for group in sequential_groups(ctx):
+        targets = {p: linears[p] for p in group if p in linears and linears[p].weight_quantizer is not None
+                   and not linears[p].weight_frozen}
+        if not targets:
+            continue
+        hessians = {p: HessianAccumulator(lin.in_features, ctx.device) for p, lin in targets.items()}
+
+        def hook_for(path: str, hessians: dict[str, HessianAccumulator] = hessians):
+            def hook(module: QuantLinear, inputs: tuple) -> None:
+                x = inputs[0]
+                if module.input_transform is not None:
+                    x = module.input_transform(x)
+                if module.input_quantizer is not None:
+                    x = module.input_quantizer(x)
+                hessians[path].add(x)
+            return hook
+
+        handles = [lin.register_forward_pre_hook(hook_for(p)) for p, lin in targets.items()]
+        try:
+            for idx in ctx.batches(1, shuffle=False):
+                ctx.forward(ctx.q_in[idx])
+        finally:
+            for h in handles:
+                h.remove()
+        for path, lin in targets.items():
+            q = lin.weight_quantizer
+            w = lin.weight.detach()
+            wq, scale, zp = gptq_quantize(
+                w.float(), hessians[path].h, _grid_fn(lin), q.qmin, q.qmax,
+                q.args.group_size if q.args.strategy == "group" else None,
+                damp=args.damp, block_size=args.block_size, act_order=args.act_order)
+            lin.quant_error = float((wq - w.float()).norm() / w.float().norm().clamp_min(1e-20))
+            lin.weight.data.copy_(wq.to(w.dtype))
+            q.scale, q.zero_point = scale.reshape(-1, 1).clone(), zp.reshape(-1, 1).round().clone()
+            q.upbound_factor = q.lowbound_factor = q.rounding_offset = None
+            lin.channel_vector = None
