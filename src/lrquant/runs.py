@@ -5,8 +5,8 @@ A run folder holds ``results.json``, ``recipe.yaml``, ``run.log``, ``model/``, `
 optionally ``compressed/``, and while a run is unfinished ``checkpoint/`` (the engine's blocks, plus
 ``run.json``: the recipe and model identity the checkpoint belongs to). Rules:
 
-* everything that can be checked before work is checked before work, and a refusal changes nothing
-  (a folder created for a refused run is removed again);
+* everything that can be checked before work is checked before work (the folder is only created once
+  the model and the data are loaded and checked), and a refusal changes nothing;
 * one process at a time: the folder is locked (an advisory ``flock`` on the folder itself, released when
   the process ends, however it ends);
 * nothing lrquant did not write is deleted or replaced: a non-empty folder that is not a run folder is
@@ -153,23 +153,18 @@ class RunFolder:
 
     @contextlib.contextmanager
     def open(self) -> Iterator[RunFolder]:
-        """Create and lock the folder, re-check the rules under the lock, remove temp leftovers of killed
-        writes and log to ``run.log`` until the block ends. A refusal removes a folder it created."""
-        created = not self.path.exists()
+        """Create and lock the folder, re-check the rules under the lock (another process may have finished
+        a run there meanwhile), remove temp leftovers of killed writes and log to ``run.log`` until the block
+        ends. Jobs call :meth:`check` before any work, so a refusal here only happens in such a race."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LrquantError(f"cannot create --output {self.path}: {exc.strerror}") from exc
-        try:
-            with self.locked():
-                self.check()
-                self._remove_temps()
-                with self._logging():
-                    yield self
-        except BaseException:
-            if created and not any(self.path.iterdir()):
-                self.path.rmdir()
-            raise
+        with self.locked():
+            self.check()
+            self._remove_temps()
+            with self._logging():
+                yield self
 
     def _remove_temps(self) -> None:
         for entry in self.path.iterdir():
