@@ -191,8 +191,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.output or f"runs/{recipe.method}-{recipe.scheme.name()}")
     if _vision_job(args, recipe):
         refused = [flag for flag, given in (("--tta", args.tta), ("--tasks", args.tasks),
-                                            ("--format compressed-tensors", args.format == "compressed-tensors"))
-                   if given]
+                                            (f"--format {args.format}", args.format != "fake")) if given]
         if refused:
             raise ConfigError(f"{', '.join(refused)}: not available for vision jobs (causal language models only)")
         evals = [e for e in (args.eval or "retrieval").split(",") if e and e != "none"]
