@@ -106,6 +106,7 @@ CASES = [
     ("lr-unknown-group", ["--lr", "lcw=1e-3"], None, "lcw"),
     ("option-no-equals", ["--option", "alpha"], None, "--option takes KEY=VALUE"),
     ("option-bad-section", ["--option", "nope.x=1"], None, "nope"),
+    ("option-misspelled", ["--method", "smoothquant", "--option", "alhpa=0.5"], None, "alhpa; known: alpha"),
     ("unknown-method", ["--method", "nope"], None, "unknown method 'nope'"),
     ("group-size-48", ["--group-size", "48"], None, "group_size 48 does not divide"),
     ("device-bogus", ["--device", "bogus"], None, "unknown --device 'bogus'"),

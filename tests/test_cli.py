@@ -118,3 +118,39 @@ def test_run_exports_and_export_run_reproduces_it(tiny_model_dir, tmp_path, caps
     torch.testing.assert_close(later, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(direct, ref, atol=5e-2, rtol=5e-2)   # fp16 export
     assert main(["export", str(tmp_path / "nothing")]) == 2
+
+
+def _recipe_from(argv: list[str]) -> Recipe:
+    from lrquant.cli import build_recipe, make_parser
+
+    return build_recipe(make_parser().parse_args(["quantize", *argv]))
+
+
+def test_one_flag_on_a_recipe_changes_only_what_it_names(tmp_path):
+    """--wbits on top of a recipe keeps the recipe's symmetry, group size and KV setting (it used to rebuild
+    the scheme: asymmetric weights, KV quantization switched on)."""
+    from lrquant.config import QuantArgs
+
+    recipe = Recipe(method="rtn", scheme=Scheme(QuantArgs(4, True, "group", 128), QuantArgs(8, False, "token", None,
+                                                                                             True), None))
+    recipe.save(tmp_path / "r.yaml")
+    s = _recipe_from(["--recipe", str(tmp_path / "r.yaml"), "--wbits", "3"]).scheme
+    assert (s.weights.num_bits, s.weights.symmetric, s.weights.group_size) == (3, True, 128)
+    assert s.input_activations.num_bits == 8 and s.kv_cache is None
+    s = _recipe_from(["--recipe", str(tmp_path / "r.yaml"), "--abits", "16", "--group-size", "0"]).scheme
+    assert s.input_activations is None and s.weights.strategy == "channel" and s.weights.symmetric
+    assert _recipe_from([]).scheme.name() == "W4A16g64"  # flags alone: the published settings
+
+
+def test_a_corpus_name_is_text_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from lrquant.cli import _vision_job, make_parser
+
+    (tmp_path / "ptb").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "ptb" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    args = make_parser().parse_args(["quantize", "--calib", "ptb"])
+    assert not _vision_job(args, _recipe_from(["--calib", "ptb"]))
+    args = make_parser().parse_args(["quantize", "--calib", "./ptb"])
+    assert _vision_job(args, _recipe_from(["--calib", "./ptb"]))
