@@ -88,6 +88,37 @@ def nested_typo(tmp: Path) -> str:
     return str(tmp / "typo.yaml")
 
 
+def truncated_safetensors(tmp: Path) -> str:
+    from conftest import tiny_llama
+
+    tiny_llama().save_pretrained(tmp / "trunc")
+    weights = tmp / "trunc" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    return str(tmp / "trunc")
+
+
+def config_wrong_types(tmp: Path) -> str:
+    from conftest import tiny_llama
+
+    tiny_llama().save_pretrained(tmp / "cfg")
+    config = json.loads((tmp / "cfg" / "config.json").read_text())
+    (tmp / "cfg" / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))
+    return str(tmp / "cfg")
+
+
+def corrupt_gguf(tmp: Path) -> str:
+    (tmp / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
+    return str(tmp / "bad.gguf")
+
+
+def vision_folder(tmp: Path) -> str:
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8)).save_pretrained(tmp / "vit")
+    return str(tmp / "vit")
+
+
 QUANTIZE = ["--eval", "none", "--nsamples", "2", "--seqlen", "16", "--quiet"]
 CUDA = torch.cuda.is_available()
 
@@ -125,6 +156,10 @@ CASES = [
     ("recipe-invalid-yaml", ["--recipe", bad_yaml], None, "not valid YAML"),
     ("recipe-not-utf8", ["--recipe", latin1_recipe], None, "not UTF-8"),
     ("recipe-nested-typo", ["--recipe", nested_typo], None, "epocs"),
+    ("model-truncated-safetensors", ["--model", truncated_safetensors], None, "cannot load model"),
+    ("model-config-wrong-types", ["--model", config_wrong_types], None, "cannot load model"),
+    ("model-corrupt-gguf", ["--model", corrupt_gguf], None, "cannot load model"),
+    ("model-not-a-causal-lm", ["--model", vision_folder], None, "cannot load model"),
     ("output-is-a-file", [], a_file, "is a file"),
     ("output-foreign-folder", [], foreign_folder, "holds files lrquant did not write"),
     ("finished-run", [], finished_run, "already holds a finished run"),
@@ -149,6 +184,7 @@ def test_quantize_bad_input(tiny_model_dir, tmp_path, capsys, monkeypatch, case_
         setup(out)
     before = snapshot(out)
     argv = [a(tmp_path) if callable(a) else a for a in argv]
+    capsys.readouterr()  # the setup's own output
     code = main(["quantize", "--model", str(tiny_model_dir), "--output", str(out), *QUANTIZE, *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2, err

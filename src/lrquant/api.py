@@ -146,7 +146,7 @@ def run(
     its rules); writes ``results.json`` (also returned) and the model. Every check that needs no model runs
     before anything is loaded; the TTA post-step (``recipe.tta``) adapts on each evaluation corpus."""
     from .eval.perplexity import evaluate_ppl, fp_ppl_cached, load_eval_sets
-    from .runs import check_tta_blocks, finish_job, prepare_job, quantize_into, results_header, run_tta
+    from .runs import check_tta_blocks, finish_job, load_checked, prepare_job, quantize_into, results_header, run_tta
 
     eval_datasets = eval_datasets or []
     if recipe.tta is not None and not eval_datasets:
@@ -157,7 +157,7 @@ def run(
         resolve_tasks(tasks)
     folder, model_id = prepare_job(model_name, recipe, output_dir, device=device, resume=resume,
                                    overwrite=overwrite, export_format=export_format)
-    model, tokenizer, display = load_model(model_name)
+    model, tokenizer, display = load_checked(model_name)
     validate_scheme(model, recipe)
     check_tta_blocks(model, recipe)
     calib = calibration_data(recipe, tokenizer, data_dir)

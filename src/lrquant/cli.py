@@ -227,11 +227,10 @@ def _tasks(args: argparse.Namespace) -> list[str] | None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.perplexity import evaluate_ppl, load_eval_sets
-    from .models import load_model
-    from .runs import check_device
+    from .runs import check_device, load_checked
 
     check_device(args.device)
-    model, tokenizer, display = load_model(args.model)
+    model, tokenizer, display = load_checked(args.model)
     windows = None if args.eval_windows == 0 else args.eval_windows
     datasets = _default_eval(args) if args.eval != "none" or not args.tasks else []
     res = evaluate_ppl(model, load_eval_sets(tokenizer, datasets, _data_dir(args)), args.eval_seqlen, windows,

@@ -272,6 +272,27 @@ class RunFolder:
 
 
 # ---- checks shared by every job ------------------------------------------------------------------------
+@contextlib.contextmanager
+def model_errors(model_name: str) -> Iterator[None]:
+    """A model that cannot be read (a corrupt GGUF, truncated safetensors, a config with wrong types, a
+    folder holding another kind of model) as one line instead of a library's traceback."""
+    try:
+        yield
+    except (LrquantError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001  (any failure of the loaders on this file is the file's)
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LrquantError(f"cannot load model {model_name!r}: {detail}") from exc
+
+
+def load_checked(model_name: str, kind: str = "causal-lm") -> tuple[nn.Module, Any, str]:
+    """:func:`lrquant.models.load_model` under :func:`model_errors`."""
+    from .models import load_model
+
+    with model_errors(model_name):
+        return load_model(model_name, kind=kind)
+
+
 def check_device(device: str) -> None:
     """Refuse an unknown device string or a device this machine does not have."""
     try:
@@ -315,7 +336,8 @@ def prepare_job(model_name: str, recipe: Recipe, output_dir: str | Path, *, devi
     check_format(recipe, export_format)
     folder = RunFolder(output_dir, overwrite=overwrite, resume=resume)
     folder.check()
-    model_id = model_identity(model_name)
+    with model_errors(model_name):
+        model_id = model_identity(model_name)
     folder.check_resume(recipe, model_id)
     return folder, model_id
 
@@ -383,11 +405,10 @@ def run_tta(q_model: nn.Module, model_name: str, method: Any, eval_sets: dict[st
     {name: report})``."""
     from .arch.base import get_mapping, set_submodule
     from .eval.perplexity import evaluate_ppl
-    from .models import load_model
     from .tta import adapt
 
     step = method.recipe.tta
-    fp_model, _, _ = load_model(model_name)
+    fp_model, _, _ = load_checked(model_name)
     ppl, info = {}, {}
     for name, tokens in eval_sets.items():
         slots = get_mapping(q_model).block_list(q_model)
@@ -447,7 +468,6 @@ def run_vision(
     from .data.images import calibration_images, load_image_folder, model_preprocessing, preprocess, two_crop_pairs
     from .errors import DataError
     from .eval.vision import embed, fp_outputs_cached, input_name, logits, retrieval_top1_from_embeddings
-    from .models import load_model
 
     unknown = set(evals) - set(VISION_EVALS)
     if unknown:
@@ -456,7 +476,7 @@ def run_vision(
         raise ConfigError("test-time adaptation runs on text evaluation streams; vision jobs take no --tta")
     folder, model_id = prepare_job(model_name, recipe, output_dir, device=device, resume=resume,
                                    overwrite=overwrite)
-    model, processor, display = load_model(model_name, kind="vision")
+    model, processor, display = load_checked(model_name, kind="vision")
     mapping = get_mapping(model)
     size = image_size or mapping.eval_image_size
     size = size or getattr(getattr(model, "config", None), "image_size", 224)
