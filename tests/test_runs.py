@@ -255,3 +255,54 @@ def test_run_folder_paths_stay_ours(tmp_path):
         RunFolder(other).check()
     RunFolder(other, overwrite=True).check()
     assert Path(other / "data.csv").read_text() == "1,2"
+
+
+# ---- damaged checkpoints ---------------------------------------------------------------------------------
+def _truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _state_ahead(ckpt: Path) -> None:
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps({**state, "completed": 3, "reports": state["reports"] * 2}))
+
+
+DAMAGE = {
+    "truncated-block": lambda c: _truncate(c / "block_0001.safetensors", 100),
+    "empty-block": lambda c: _truncate(c / "block_0000.safetensors", 0),
+    "missing-block": lambda c: (c / "block_0001.safetensors").unlink(),
+    "truncated-state": lambda c: _truncate(c / "state.json", 20),
+    "state-ahead-of-files": _state_ahead,
+}
+
+
+@pytest.fixture(scope="module")
+def interrupted(tiny_model_dir, tmp_path_factory):
+    """``(uninterrupted run folder, interrupted run folder with every block checkpointed)``."""
+
+    root = tmp_path_factory.mktemp("interrupted")
+    recipe = _recipe(method="omniquant")
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("LRQUANT_CACHE", str(root / "cache"))
+        api.run(str(tiny_model_dir), recipe, root / "full", progress=False)
+        _interrupt_at_finish(m)
+        with pytest.raises(KeyboardInterrupt):
+            api.run(str(tiny_model_dir), recipe, root / "part", progress=False)
+    return root / "full", root / "part"
+
+
+@needs_tokenizer
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_is_recomputed_from_the_last_intact_block(tiny_model_dir, interrupted, tmp_path,
+                                                                        damage, caplog):
+    from safetensors.torch import load_file
+
+    full, part = interrupted
+    run = tmp_path / "run"
+    shutil.copytree(part, run)
+    DAMAGE[damage](run / "checkpoint")
+    res = api.run(str(tiny_model_dir), _recipe(method="omniquant"), run, progress=False, resume=True).results
+    assert any("recomputed" in r.message or "starts again" in r.message for r in caplog.records)
+    assert len(res["blocks"]) == 2
+    a, b = load_file(str(full / "model" / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -62,6 +62,22 @@ class NonFiniteResultError(LrquantError):
     exit_status = 3
 
 
+def _intact_safetensors(path: Path) -> bool:
+    """Whether ``path`` is a whole safetensors file: a readable header whose tensors end exactly at the
+    file's end (catches missing, empty and truncated files; not flipped bytes inside the data)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return False
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return size == 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def _is_temp_of_ours(name: str) -> bool:
     """A temp file or folder of an atomic write of one of :data:`OWNED` (``.<name>.XXXX[.tmp]``)."""
     return any(name.startswith(f".{owned}.") for owned in OWNED)
@@ -192,10 +208,36 @@ class RunFolder:
             handler.close()
 
     # ---- writing -----------------------------------------------------------------------------------------
-    def begin(self, recipe: Recipe, model_id: str) -> int:
-        """Start (or continue) the block loop's checkpoint; returns how many finished blocks it holds."""
+    def repair_checkpoint(self) -> None:
+        """Before a resume: keep the blocks the checkpoint can really restore. An unreadable ``state.json``
+        restarts the block loop; a missing, empty or truncated block file (or a state ahead of the files)
+        makes the loop continue after the last intact block, which it then recomputes. Warns either way."""
         ckpt = self.path / CHECKPOINT
-        if not self.resume:
+        state_path = ckpt / "state.json"
+        if not state_path.exists():
+            return
+        try:
+            state = json.loads(state_path.read_text())
+            completed, reports = int(state["completed"]), list(state["reports"])
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s is unreadable; the block loop starts again from block 0", state_path)
+            state_path.unlink()
+            return
+        intact = -1
+        while intact < completed and _intact_safetensors(ckpt / f"block_{intact + 1:04d}.safetensors"):
+            intact += 1
+        if intact < completed:
+            log.warning("checkpoint block %d is missing or damaged; blocks from %d on are recomputed",
+                        intact + 1, intact + 1)
+            atomic_write_json(state_path, {**state, "completed": intact, "reports": reports[: intact + 1]})
+
+    def begin(self, recipe: Recipe, model_id: str) -> int:
+        """Start (or continue, after :meth:`repair_checkpoint`) the block loop's checkpoint; returns how many
+        finished blocks it holds."""
+        ckpt = self.path / CHECKPOINT
+        if self.resume:
+            self.repair_checkpoint()
+        else:
             shutil.rmtree(ckpt, ignore_errors=True)
         if not (ckpt / RUN_STATE).is_file():
             atomic_write_json(ckpt / RUN_STATE, {"recipe": recipe.to_dict(), "model": model_id})
