@@ -88,6 +88,20 @@ def nested_typo(tmp: Path) -> str:
     return str(tmp / "typo.yaml")
 
 
+def latin1_calib(tmp: Path) -> str:
+    (tmp / "latin1.txt").write_bytes(("caf\xe9 " * 400).encode("latin-1"))
+    return str(tmp / "latin1.txt")
+
+
+def image_folder(tmp: Path) -> str:
+    from PIL import Image
+
+    (tmp / "images").mkdir(exist_ok=True)
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp / "images" / name)
+    return str(tmp / "images")
+
+
 def truncated_safetensors(tmp: Path) -> str:
     from conftest import tiny_llama
 
@@ -153,6 +167,8 @@ CASES = [
     ("unknown-task", ["--tasks", "piqaa"], None, "unknown zero-shot task 'piqaa'"),
     ("unknown-eval-corpus", ["--eval", "wikitext3"], None, "unknown corpus 'wikitext3'"),
     ("text-folder-as-calib", ["--calib", text_folder], None, "is a folder without images"),
+    ("calib-not-utf8", ["--calib", latin1_calib], None, "is not UTF-8"),
+    ("image-folder-for-a-text-model", ["--calib", image_folder], None, "is a text model"),
     ("recipe-invalid-yaml", ["--recipe", bad_yaml], None, "not valid YAML"),
     ("recipe-not-utf8", ["--recipe", latin1_recipe], None, "not UTF-8"),
     ("recipe-nested-typo", ["--recipe", nested_typo], None, "epocs"),

@@ -145,8 +145,8 @@ def run(
     """Run one quantization job end to end in the run folder ``output_dir`` (see :mod:`lrquant.runs` for
     its rules); writes ``results.json`` (also returned) and the model. Every check that needs no model runs
     before anything is loaded; the TTA post-step (``recipe.tta``) adapts on each evaluation corpus."""
+    from . import runs
     from .eval.perplexity import evaluate_ppl, fp_ppl_cached, load_eval_sets
-    from .runs import check_tta_blocks, finish_job, load_checked, prepare_job, quantize_into, results_header, run_tta
 
     eval_datasets = eval_datasets or []
     if recipe.tta is not None and not eval_datasets:
@@ -155,15 +155,16 @@ def run(
         from .eval.zeroshot import resolve_tasks, run_zeroshot
 
         resolve_tasks(tasks)
-    folder, model_id = prepare_job(model_name, recipe, output_dir, device=device, resume=resume,
+    folder, model_id = runs.prepare_job(model_name, recipe, output_dir, device=device, resume=resume,
                                    overwrite=overwrite, export_format=export_format)
-    model, tokenizer, display = load_checked(model_name)
+    model, tokenizer, display = runs.load_checked(model_name)
     validate_scheme(model, recipe)
-    check_tta_blocks(model, recipe)
-    calib = calibration_data(recipe, tokenizer, data_dir)
-    eval_sets = load_eval_sets(tokenizer, eval_datasets, data_dir)
+    runs.check_tta_blocks(model, recipe)
+    with runs.data_errors():
+        calib = calibration_data(recipe, tokenizer, data_dir)
+        eval_sets = load_eval_sets(tokenizer, eval_datasets, data_dir)
     with folder.open():
-        results = {**results_header("text", display, model_id, recipe),
+        results = {**runs.results_header("text", display, model_id, recipe),
                    "eval": {"seqlen": eval_seqlen, "windows": eval_windows}}
         if eval_sets:
             fp = fp_ppl_cached(model_id, model, eval_sets, eval_seqlen, eval_windows, device, progress)
@@ -171,7 +172,7 @@ def run(
             log.info("FP perplexity %s", results["fp_ppl"])
         if tasks:
             results["fp_zeroshot"] = run_zeroshot(model, tokenizer, tasks, limit=limit)
-        qr = quantize_into(folder, model, recipe, calib, results, model_id, device, progress)
+        qr = runs.quantize_into(folder, model, recipe, calib, results, model_id, device, progress)
         if eval_sets:
             q = evaluate_ppl(model, eval_sets, eval_seqlen, eval_windows, device, progress)
             results["ppl"] = {k: v["ppl"] for k, v in q.items()}
@@ -181,8 +182,8 @@ def run(
             results["zeroshot"] = run_zeroshot(model, tokenizer, tasks, limit=limit)
             results["zeroshot_limit"] = limit
         if recipe.tta is not None:
-            results["ppl_tta"], results["tta"] = run_tta(model, model_name, qr.method, eval_sets, eval_seqlen,
+            results["ppl_tta"], results["tta"] = runs.run_tta(model, model_name, qr.method, eval_sets, eval_seqlen,
                                                          eval_windows, device, progress)
-        finish_job(folder, model, tokenizer, results, recipe, save_model=save_model, export_format=export_format,
+        runs.finish_job(folder, model, tokenizer, results, recipe, save_model=save_model, export_format=export_format,
                    online_ops=qr.online_ops)
         return RunResult(results, model, tokenizer)

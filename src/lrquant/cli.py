@@ -227,14 +227,15 @@ def _tasks(args: argparse.Namespace) -> list[str] | None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.perplexity import evaluate_ppl, load_eval_sets
-    from .runs import check_device, load_checked
+    from .runs import check_device, data_errors, load_checked
 
     check_device(args.device)
     model, tokenizer, display = load_checked(args.model)
     windows = None if args.eval_windows == 0 else args.eval_windows
     datasets = _default_eval(args) if args.eval != "none" or not args.tasks else []
-    res = evaluate_ppl(model, load_eval_sets(tokenizer, datasets, _data_dir(args)), args.eval_seqlen, windows,
-                       args.device, progress=not args.quiet)
+    with data_errors():
+        eval_sets = load_eval_sets(tokenizer, datasets, _data_dir(args))
+    res = evaluate_ppl(model, eval_sets, args.eval_seqlen, windows, args.device, progress=not args.quiet)
     print(f"model {display}")
     for name, r in res.items():
         windows = f"{r['windows']} of {r['total_windows']} windows x {args.eval_seqlen}"

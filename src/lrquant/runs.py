@@ -41,7 +41,7 @@ from torch import nn
 
 from .arch.base import CheckpointLayout
 from .config import Recipe
-from .errors import ConfigError, LrquantError
+from .errors import ConfigError, DataError, LrquantError
 from .io import atomic_dir, atomic_save_tensors, atomic_write_json
 
 log = logging.getLogger("lrquant")
@@ -327,6 +327,16 @@ def model_errors(model_name: str) -> Iterator[None]:
         raise LrquantError(f"cannot load model {model_name!r}: {detail}") from exc
 
 
+@contextlib.contextmanager
+def data_errors() -> Iterator[None]:
+    """A corpus or text file that is not UTF-8 as one line (the decoder's message names no file)."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise DataError(f"a calibration or evaluation text is not UTF-8 (byte {exc.start}: {exc.reason}); "
+                        "convert it to UTF-8") from exc
+
+
 def load_checked(model_name: str, kind: str = "causal-lm") -> tuple[nn.Module, Any, str]:
     """:func:`lrquant.models.load_model` under :func:`model_errors`."""
     from .models import load_model
@@ -508,7 +518,6 @@ def run_vision(
     from .api import RunResult
     from .arch.base import get_mapping
     from .data.images import calibration_images, load_image_folder, model_preprocessing, preprocess, two_crop_pairs
-    from .errors import DataError
     from .eval.vision import embed, fp_outputs_cached, input_name, logits, retrieval_top1_from_embeddings
 
     unknown = set(evals) - set(VISION_EVALS)
@@ -519,6 +528,9 @@ def run_vision(
     folder, model_id = prepare_job(model_name, recipe, output_dir, device=device, resume=resume,
                                    overwrite=overwrite)
     model, processor, display = load_checked(model_name, kind="vision")
+    if input_name(model) == "input_ids":
+        raise ConfigError(f"{display} is a text model: image calibration and vision evaluations need a vision "
+                          "model (text models calibrate on a corpus name or a .txt/.jsonl file)")
     mapping = get_mapping(model)
     size = image_size or mapping.eval_image_size
     size = size or getattr(getattr(model, "config", None), "image_size", 224)
