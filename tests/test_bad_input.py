@@ -161,6 +161,7 @@ CASES = [
      "cannot carry the online Hadamard rotation"),
     ("format-activation-only", ["--format", "compressed-tensors", "--wbits", "16", "--abits", "8"], None,
      "quantizes no weights"),
+    ("tta-with-rtn", ["--method", "rtn", "--tta", "--eval", "default"], None, "rtn trains nothing"),
     ("tta-without-eval", ["--method", "lrquant", "--tta"], None, "--tta needs --eval"),
     ("tta-blocks-too-many", ["--method", "lrquant", "--tta", "--tta-blocks", "5", "--eval", "default"], None,
      "--tta-blocks 5 exceeds the model's 2 blocks"),

@@ -306,3 +306,14 @@ def test_a_damaged_checkpoint_is_recomputed_from_the_last_intact_block(tiny_mode
     assert len(res["blocks"]) == 2
     a, b = load_file(str(full / "model" / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_tokenizer
+def test_the_tta_post_step_runs_from_the_recipe(tiny_model_dir, tmp_path):
+    from lrquant.config import TTAStep
+
+    recipe = _recipe(method="lrquant").with_tta(TTAStep(steps=1, blocks=1, windows=2, seqlen=32))
+    res = api.run(str(tiny_model_dir), recipe, tmp_path / "run", eval_datasets=["default"], eval_seqlen=64,
+                  eval_windows=1, progress=False).results
+    assert res["ppl_tta"]["default"] > 1 and res["tta"]["default"]["config"]["blocks"] == 1
+    assert res["recipe"]["post"] == [{"tta": {"steps": 1, "lr": None, "blocks": 1, "windows": 2, "seqlen": 32}}]
