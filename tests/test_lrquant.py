@@ -50,13 +50,14 @@ def test_rotation_vector_folds_exactly_into_scales(strategy, group):
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)
     ql = QuantLinear(lin, QuantArgs(4, False, strategy, group), None, lwc=True)
-    ql.channel_vector = torch.nn.Parameter(torch.rand(48) + 0.5)
+    with torch.no_grad():
+        ql.weight_quantizer.enable_channel_scale(48, "cpu").copy_(torch.rand(48) + 0.5)
     x = torch.randn(3, 64)
     with torch.no_grad():
         ref = ql(x)
         ql.freeze()
         out = ql(x)
-    assert ql.channel_vector is None
+    assert ql.weight_quantizer.channel_scale is None
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
     # the frozen weight is exactly representable on the new scales: integer codes
     q = ql.weight_quantizer
@@ -71,7 +72,8 @@ def test_lrquant_methods_run_and_never_end_worse(method):
     res = api.quantize(model, _recipe(method, epochs=2), CALIB, progress=False)
     for r in res.reports:
         assert r.final_loss <= r.init_loss and len(r.losses) == 2
-    assert not any(isinstance(m, QuantLinear) and m.channel_vector is not None for m in model.modules())
+    assert not any(isinstance(m, QuantLinear) and m.weight_quantizer.channel_scale is not None
+                   for m in model.modules())
     assert torch.isfinite(model(CALIB).logits).all()
 
 

@@ -23,7 +23,7 @@ from .timm_attention import QKV_ROLES
 
 _QKV_STACKED = ("weight", "bias", "weight_scale", "weight_zero_point")  # per output row: concatenated
 _QKV_SHARED = ("input_scale", "input_zero_point")  # one per input tensor: identical for q, k, v
-_QUANT_STATE = ("weight_quantizer", "input_quantizer", "attn_quantizer", "channel_vector")
+_QUANT_STATE = ("weight_quantizer", "input_quantizer", "attn_quantizer")
 
 
 def _split_key(key: str) -> tuple[str, str, str] | None:

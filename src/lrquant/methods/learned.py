@@ -15,8 +15,8 @@ from torch import nn
 
 from ..arch.base import SmoothPair
 from ..losses import combined, massive_token_mask
-from ..quant.quantizers import QuantLinear, UniformQuantizer, quantization_disabled
-from ..transforms import Transform, fold_block, online_ops
+from ..quant.quantizers import UniformQuantizer, quantization_disabled
+from ..transforms import Transform, fold_block
 from .base import Method
 from .rounding import prepare_learned
 
@@ -161,10 +161,9 @@ class LearnedMethod(Method):
                 for name, ps in m.learnable().items():
                     if name != "lwc" or self.recipe.clip.learn:
                         found.setdefault(name, []).extend(ps)
-            elif isinstance(m, QuantLinear) and m.channel_vector is not None:
-                found.setdefault("rot", []).append(m.channel_vector)
         for t in transforms:
-            found.setdefault("let", []).extend(t.parameters())
+            for name, ps in t.learnable().items():
+                found.setdefault(name, []).extend(ps)
         return [{"params": ps, "lr": self.lr[name], "name": name} for name, ps in found.items() if ps]
 
     def block_loss(self, ctx: BlockContext, targets, idx: torch.Tensor) -> torch.Tensor:
@@ -228,8 +227,7 @@ class LearnedMethod(Method):
         for p, p0 in zip(params, initial, strict=True):
             p.copy_(p0)
         for t in transforms:
-            if hasattr(t, "set_epoch"):
-                t.set_epoch(0, 1)
+            t.set_epoch(0, 1)
 
     def quantize_block(self, ctx: BlockContext) -> None:
         n_blocks = len(ctx.block_list) if ctx.block_list is not None else 0
@@ -252,7 +250,6 @@ class LearnedMethod(Method):
         ctx.report.init_loss, ctx.report.final_loss = self.fit(ctx, targets, groups, transforms)
         if keep_for_tta:
             self.tta_state[ctx.index]["params"] = [p.detach().cpu().clone() for g in groups for p in g["params"]]
-        self.online_ops.extend(f"{ctx.name}.{op}" for op in online_ops(transforms))
         fold_block(ctx.block)
         self.round_weights(ctx)
         self.calibrate_static(ctx)
@@ -291,8 +288,7 @@ class LearnedMethod(Method):
         while step < total:
             epoch = step // per_epoch
             for t in transforms:
-                if hasattr(t, "set_epoch"):
-                    t.set_epoch(epoch, epochs)
+                t.set_epoch(epoch, epochs)
             for idx in ctx.batches(train.batch_size):
                 if step >= total:
                     break

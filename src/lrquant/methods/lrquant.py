@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from torch import nn
 
 from ..arch.base import SmoothPair
 from ..config import check_choice
@@ -98,7 +97,7 @@ class LRQuantPlus(LRQuant):
         for path in self.vector_paths(ctx):
             lin = ctx.block.get_submodule(path)
             if isinstance(lin, QuantLinear) and lin.weight_quantizer is not None:
-                lin.channel_vector = nn.Parameter(torch.ones(lin.out_features, device=lin.weight.device))
+                lin.weight_quantizer.enable_channel_scale(lin.out_features, lin.weight.device)
         return super().make_transforms(ctx)
 
 

@@ -79,7 +79,7 @@ def _grid_fn(lin: QuantLinear) -> Callable[[torch.Tensor, int], tuple[torch.Tens
     args = q.args
     n_groups = lin.in_features // args.group_size if args.strategy == "group" else 1
     clip = q.clip_factors()
-    vector = lin.channel_vector
+    vector = q.channel_scale
 
     def fn(cols: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         j = start // cols.shape[1] if n_groups > 1 else 0
@@ -97,6 +97,43 @@ def _grid_fn(lin: QuantLinear) -> Callable[[torch.Tensor, int], tuple[torch.Tens
     return fn
 
 
+class _GroupSeen(Exception):
+    """Raised once every linear of the group has seen the sample: the rest of the block is not needed."""
+
+
+def _collect_hessians(ctx: BlockContext, targets: dict[str, QuantLinear],
+                      hessians: dict[str, HessianAccumulator]) -> None:
+    """Run the quantized stream through the block, one sample at a time, accumulating each target's
+    input Hessian (after its online transform and activation quantizer, as inference sees it); each
+    forward stops as soon as every target has its input."""
+    seen: set[str] = set()
+
+    def hook_for(path: str):
+        def hook(module: QuantLinear, inputs: tuple) -> None:
+            x = inputs[0]
+            if module.input_transform is not None:
+                x = module.input_transform(x)
+            if module.input_quantizer is not None:
+                x = module.input_quantizer(x)
+            hessians[path].add(x)
+            seen.add(path)
+            if len(seen) == len(targets):
+                raise _GroupSeen
+        return hook
+
+    handles = [lin.register_forward_pre_hook(hook_for(p)) for p, lin in targets.items()]
+    try:
+        for idx in ctx.batches(1, shuffle=False):
+            seen.clear()
+            try:
+                ctx.forward(ctx.q_in[idx])
+            except _GroupSeen:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @register_rounding("gptq")
 @torch.no_grad()
 def round_gptq(ctx: BlockContext, args: RoundingArgs) -> None:
@@ -108,24 +145,7 @@ def round_gptq(ctx: BlockContext, args: RoundingArgs) -> None:
         if not targets:
             continue
         hessians = {p: HessianAccumulator(lin.in_features, ctx.device) for p, lin in targets.items()}
-
-        def hook_for(path: str, hessians: dict[str, HessianAccumulator] = hessians):
-            def hook(module: QuantLinear, inputs: tuple) -> None:
-                x = inputs[0]
-                if module.input_transform is not None:
-                    x = module.input_transform(x)
-                if module.input_quantizer is not None:
-                    x = module.input_quantizer(x)
-                hessians[path].add(x)
-            return hook
-
-        handles = [lin.register_forward_pre_hook(hook_for(p)) for p, lin in targets.items()]
-        try:
-            for idx in ctx.batches(1, shuffle=False):
-                ctx.forward(ctx.q_in[idx])
-        finally:
-            for h in handles:
-                h.remove()
+        _collect_hessians(ctx, targets, hessians)
         for path, lin in targets.items():
             q = lin.weight_quantizer
             w = lin.weight.detach()
@@ -136,5 +156,4 @@ def round_gptq(ctx: BlockContext, args: RoundingArgs) -> None:
             lin.quant_error = float((wq - w.float()).norm() / w.float().norm().clamp_min(1e-20))
             lin.weight.data.copy_(wq.to(w.dtype))
             q.scale, q.zero_point = scale.reshape(-1, 1).clone(), zp.reshape(-1, 1).round().clone()
-            q.upbound_factor = q.lowbound_factor = q.rounding_offset = None
-            lin.channel_vector = None
+            q.upbound_factor = q.lowbound_factor = q.rounding_offset = q.channel_scale = None

@@ -20,7 +20,8 @@ QParamsFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 class HessianAccumulator:
-    """Running ``H = 2/n sum x x^T`` over inputs ``x: [..., C]`` (float64 accumulation)."""
+    """Running ``H = 2/n sum x x^T`` over inputs ``x: [..., C]`` (each batch's product in float32, the
+    running sum in float64)."""
 
     def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
         self.h = torch.zeros(columns, columns, dtype=torch.float64, device=device)
@@ -28,11 +29,10 @@ class HessianAccumulator:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.h.device, torch.float64)
+        x = x.reshape(-1, x.shape[-1]).to(self.h.device, torch.float32)
         self.h.mul_(self.n / (self.n + x.shape[0]))
         self.n += x.shape[0]
-        x = x * (2.0 / self.n) ** 0.5
-        self.h.addmm_(x.T, x)
+        self.h.add_((x.T @ x).double(), alpha=2.0 / self.n)
 
 
 @torch.no_grad()

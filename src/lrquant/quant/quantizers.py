@@ -48,6 +48,9 @@ class UniformQuantizer(nn.Module):
             self.lowbound_factor = None
         # learned rounding: per-element offsets [rows, cols] before rounding (see enable_learned_rounding)
         self.rounding_offset: nn.Parameter | None = None
+        # learned per-output-channel factors on the dequantized weight, [channels] (LRQuant+'s rotation
+        # vectors); :meth:`fold_channel_scale` moves them into ``scale``
+        self.channel_scale: nn.Parameter | None = None
         self.register_buffer("scale", None, persistent=False)
         self.register_buffer("zero_point", None, persistent=False)
         self.register_buffer("obs_min", None, persistent=False)
@@ -75,13 +78,33 @@ class UniformQuantizer(nn.Module):
         self.rounding_offset = nn.Parameter(torch.zeros_like(rows, dtype=torch.float32))
         return self.rounding_offset
 
+    def enable_channel_scale(self, channels: int, device: torch.device | str) -> nn.Parameter:
+        """Give the quantizer per-output-channel factors ``[channels]`` (ones) and return them."""
+        self.channel_scale = nn.Parameter(torch.ones(channels, device=device))
+        return self.channel_scale
+
+    def _per_row(self, v: torch.Tensor, rows: int) -> torch.Tensor:
+        """Per-channel ``v [channels]`` -> per quantization row ``[rows, 1]`` (groups of a channel share)."""
+        return v.repeat_interleave(rows // v.shape[0])[:, None]
+
+    @torch.no_grad()
+    def fold_channel_scale(self) -> None:
+        """Frozen quantizer: ``(code - zp) * scale * v`` becomes ``(code - zp) * scale'``, exactly."""
+        if self.channel_scale is None:
+            return
+        self.scale = self.scale * self._per_row(self.channel_scale.detach(), self.scale.shape[0])
+        self.channel_scale = None
+
     def learnable(self) -> dict[str, list[nn.Parameter]]:
-        """Parameter groups this quantizer trains: ``lwc`` clip logits, ``round`` rounding offsets."""
+        """Parameter groups this quantizer trains: ``lwc`` clip logits, ``round`` rounding offsets,
+        ``rot`` channel factors."""
         groups: dict[str, list[nn.Parameter]] = {}
         if self.lwc:
             groups["lwc"] = [self.upbound_factor, self.lowbound_factor]
         if self.rounding_offset is not None:
             groups["round"] = [self.rounding_offset]
+        if self.channel_scale is not None:
+            groups["rot"] = [self.channel_scale]
         return groups
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +133,10 @@ class UniformQuantizer(nn.Module):
             return x
         scale, zp = self.qparams(rows)
         offset = None if self.rounding_offset is None else self.rounding_offset.clamp(-0.5, 0.5)
-        return fake_quant(rows, scale, zp, self.qmin, self.qmax, offset).reshape(x.shape)
+        out = fake_quant(rows, scale, zp, self.qmin, self.qmax, offset)
+        if self.channel_scale is not None:
+            out = out * self._per_row(self.channel_scale, out.shape[0])
+        return out.reshape(x.shape)
 
     @torch.no_grad()
     def freeze(self, x: torch.Tensor | None = None) -> None:
@@ -155,9 +181,6 @@ class QuantLinear(nn.Linear):
         if act_args is not None:
             self.input_quantizer = UniformQuantizer(act_args)
         self.quant_error: float | None = None
-        # LRQuant+ rotation vector: per-output-channel factors on the dequantized weight, [out]; folded
-        # into the quantization scales by freeze()
-        self.channel_vector: nn.Parameter | None = None
 
     @property
     def weight_frozen(self) -> bool:
@@ -169,8 +192,6 @@ class QuantLinear(nn.Linear):
         w = self.weight
         if self.weight_quantizer is not None and not self.weight_frozen:
             w = self.weight_quantizer(w)
-        if self.channel_vector is not None:
-            w = w * self.channel_vector[:, None]
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,14 +211,8 @@ class QuantLinear(nn.Linear):
             return
         q = self.weight_quantizer
         q.freeze(self.weight)
-        wq = q(self.weight)
-        if self.channel_vector is not None:
-            # dequant (code - zp) * scale * v: the vector becomes part of each row's scale, exactly
-            v = self.channel_vector.detach()
-            rows_per_channel = q.scale.shape[0] // v.shape[0]
-            q.scale = q.scale * v.repeat_interleave(rows_per_channel)[:, None]
-            wq = wq * v[:, None]
-            self.channel_vector = None
+        wq = q(self.weight)  # codes on the frozen grid, times the channel factors (if any)
+        q.fold_channel_scale()
         self.quant_error = float((wq - self.weight).norm() / self.weight.norm().clamp_min(1e-20))
         self.weight.data.copy_(wq)
         q.upbound_factor = None

@@ -61,9 +61,13 @@ class Transform(nn.Module):
         """Register the parametrizations on ``block`` (temporary, differentiable application)."""
         raise NotImplementedError
 
-    def online(self) -> list[str]:
-        """Ops this transform leaves in the inference graph (empty when it folds completely)."""
-        return []
+    def learnable(self) -> dict[str, list[nn.Parameter]]:
+        """The parameter groups this transform trains (every transform folds completely: none stays
+        in the inference graph)."""
+        return {"let": list(self.parameters())}
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Epoch hook of the training loop (e.g. AffineQuant's gradual mask); nothing by default."""
 
 
 @torch.no_grad()
@@ -83,10 +87,6 @@ def fold_block(block: nn.Module) -> None:
             parametrize.remove_parametrizations(module, name, leave_parametrized=False)
     for module, name, value in folded:
         getattr(module, name).data.copy_(value)
-
-
-def online_ops(transforms: list[Transform]) -> list[str]:
-    return [op for t in transforms for op in t.online()]
 
 
 def ensure_bias(linear: nn.Linear) -> bool:
