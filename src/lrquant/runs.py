@@ -78,6 +78,18 @@ def _intact_safetensors(path: Path) -> bool:
         return False
 
 
+def _non_finite_quality(results: dict[str, Any]) -> list[str]:
+    """The quality numbers (:data:`QUALITY_KEYS`, per dataset where they are dicts) that are NaN or infinite,
+    e.g. ``["ppl[wikitext2]"]``."""
+    bad = []
+    for key in QUALITY_KEYS:
+        value = results.get(key)
+        for name, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+            if isinstance(v, float) and not math.isfinite(v):
+                bad.append(key if name is None else f"{key}[{name}]")
+    return bad
+
+
 def _is_temp_of_ours(name: str) -> bool:
     """A temp file or folder of an atomic write of one of :data:`OWNED` (``.<name>.XXXX[.tmp]``)."""
     return any(name.startswith(f".{owned}.") for owned in OWNED)
@@ -124,7 +136,7 @@ class RunFolder:
         if self.resume and self.finished and not self.overwrite:
             raise ConfigError(f"{p} holds a finished run; --resume continues an interrupted run only "
                               "(pass --overwrite to redo it)")
-        if self.finished and not (self.overwrite or self.resume):
+        if self.finished and not self.overwrite:
             raise ConfigError(f"{p} already holds a finished run; pass --overwrite or choose another --output")
         if self.interrupted and not (self.resume or self.overwrite):
             raise ConfigError(f"{p} holds an interrupted run; pass --resume to continue it or --overwrite")
@@ -300,9 +312,7 @@ class RunFolder:
             stale = self.path / name
             if self._was_run and name not in self._written and stale.exists():
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        bad = sorted(f"{key}[{k}]" if k else key for key in QUALITY_KEYS if key in results
-                     for k, v in (results[key].items() if isinstance(results[key], dict) else [("", results[key])])
-                     if isinstance(v, float) and not math.isfinite(v))
+        bad = _non_finite_quality(results)
         if bad:
             results["non_finite"] = bad
         recipe.save(self.path / RECIPE)
