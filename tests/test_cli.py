@@ -154,3 +154,18 @@ def test_a_corpus_name_is_text_even_beside_a_folder_of_that_name(tmp_path, monke
     assert not _vision_job(args, _recipe_from(["--calib", "ptb"]))
     args = make_parser().parse_args(["quantize", "--calib", "./ptb"])
     assert _vision_job(args, _recipe_from(["--calib", "./ptb"]))
+
+
+def test_an_unexpected_error_is_one_line_unless_debug(tmp_path, capsys, monkeypatch):
+    import lrquant.report
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("something nobody foresaw\nsecond line")
+
+    monkeypatch.setattr(lrquant.report, "write_report", broken)
+    assert main(["report", str(tmp_path), "--output", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("lrquant: unexpected error: RuntimeError: something nobody foresaw (run `lrquant --debug ...` "
+                   "for the traceback)")
+    with pytest.raises(RuntimeError, match="nobody foresaw"):
+        main(["--debug", "report", str(tmp_path), "--output", str(tmp_path / "r")])

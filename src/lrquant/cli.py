@@ -2,7 +2,8 @@
 
 Exit status: 0 success; 2 bad input or an environment problem (disk full, permission denied, a folder in
 use by another lrquant process), one line on stderr, nothing lost or half-written; 3 the run finished and
-was saved but its quality is not finite; 130 interrupted (finished blocks are checkpointed).
+was saved but its quality is not finite; 1 an unexpected error (one line; ``lrquant --debug ...`` shows the
+traceback); 130 interrupted (finished blocks are checkpointed).
 """
 
 from __future__ import annotations
@@ -295,6 +296,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lrquant", description="Learnable post-training quantization")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and measure what it kept")
@@ -392,14 +394,19 @@ def main(argv: list[str] | None = None) -> int:
     except LrquantError as exc:
         print(f"lrquant: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_status", 2)
-    except OSError as exc:
-        if exc.errno not in _ENVIRONMENT_ERRNOS:
-            raise
-        print(f"lrquant: error: {exc.strerror}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("lrquant: interrupted; finished blocks are checkpointed, continue with --resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
+            print(f"lrquant: error: {exc.strerror}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+            return 2
+        if args.debug:
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"lrquant: unexpected error: {type(exc).__name__}: {detail} (run `lrquant --debug ...` for the "
+              "traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
