@@ -156,7 +156,7 @@ def run(
 
         resolve_tasks(tasks)
     folder, model_id = runs.prepare_job(model_name, recipe, output_dir, device=device, resume=resume,
-                                   overwrite=overwrite, export_format=export_format)
+                                        overwrite=overwrite, export_format=export_format)
     model, tokenizer, display = runs.load_checked(model_name)
     validate_scheme(model, recipe)
     runs.check_tta_blocks(model, recipe)
@@ -182,8 +182,8 @@ def run(
             results["zeroshot"] = run_zeroshot(model, tokenizer, tasks, limit=limit)
             results["zeroshot_limit"] = limit
         if recipe.tta is not None:
-            results["ppl_tta"], results["tta"] = runs.run_tta(model, model_name, qr.method, eval_sets, eval_seqlen,
-                                                         eval_windows, device, progress)
-        runs.finish_job(folder, model, tokenizer, results, recipe, save_model=save_model, export_format=export_format,
-                   online_ops=qr.online_ops)
+            results["ppl_tta"], results["tta"] = runs.run_tta(model, model_name, qr.method, eval_sets, recipe.tta,
+                                                              eval_seqlen, eval_windows, device, progress)
+        runs.finish_job(folder, model, tokenizer, results, recipe, save_model=save_model,
+                        export_format=export_format, online_ops=qr.online_ops)
         return RunResult(results, model, tokenizer)

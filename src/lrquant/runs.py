@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .arch.base import CheckpointLayout
-from .config import Recipe
+from .config import Recipe, TTAStep
 from .errors import ConfigError, DataError, LrquantError
 from .io import atomic_dir, atomic_save_tensors, atomic_write_json
 
@@ -463,16 +463,15 @@ def finish_job(folder: RunFolder, model: nn.Module, processor: Any, results: dic
 
 
 # ---- post-steps ----------------------------------------------------------------------------------------
-def run_tta(q_model: nn.Module, model_name: str, method: Any, eval_sets: dict[str, torch.Tensor], seqlen: int,
-            windows: int | None, device: str, progress: bool) -> tuple[dict[str, float], dict[str, Any]]:
-    """The recipe's TTA post-step per evaluation set (``{name: tokens [1, T]}``): adapt the last blocks on
-    its (unlabeled) stream, measure PPL, restore the calibrated blocks. Returns ``({name: ppl},
-    {name: report})``."""
+def run_tta(q_model: nn.Module, model_name: str, method: Any, eval_sets: dict[str, torch.Tensor], step: TTAStep,
+            seqlen: int, windows: int | None, device: str, progress: bool) -> tuple[dict[str, float], dict[str, Any]]:
+    """The TTA post-step ``step`` per evaluation set (``{name: tokens [1, T]}``): adapt the last blocks on its
+    (unlabeled) stream, measure PPL, restore the calibrated blocks. ``method`` quantized ``q_model`` with a
+    recipe whose TTA step keeps at least ``step.blocks`` blocks. Returns ``({name: ppl}, {name: report})``."""
     from .arch.base import get_mapping, set_submodule
     from .eval.perplexity import evaluate_ppl
     from .tta import adapt
 
-    step = method.recipe.tta
     fp_model, _, _ = load_checked(model_name)
     ppl, info = {}, {}
     for name, tokens in eval_sets.items():
