@@ -139,11 +139,15 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
             raise ConfigError(f"--option {key}: {value!r} is not a YAML value") from exc
     if options:
         recipe = recipe.with_options(options)
+    tta = {name: getattr(args, f"tta_{name}") for name in ("steps", "lr", "blocks", "windows", "seqlen")
+           if getattr(args, f"tta_{name}") is not None}
+    if tta and not args.tta:
+        raise ConfigError(f"--tta-{next(iter(tta))} sets up test-time adaptation: add --tta")
     if args.tta:
         from .config import TTAStep
 
-        recipe = recipe.with_tta(TTAStep(steps=args.tta_steps, lr=args.tta_lr, blocks=args.tta_blocks,
-                                         windows=args.tta_windows, seqlen=args.tta_seqlen))
+        _positive("--tta-lr", tta.get("lr"))
+        recipe = recipe.with_tta(TTAStep(**tta))
     return recipe
 
 
@@ -333,11 +337,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="vision: input side in pixels (default: the family's evaluation size or config.image_size)")
     q.add_argument("--tta", action="store_true",
                    help="test-time adaptation of the last blocks on each evaluation stream (learned methods)")
-    q.add_argument("--tta-steps", type=int, default=2, help="passes over the TTA windows")
+    q.add_argument("--tta-steps", type=int, default=None, help="passes over the TTA windows (2)")
     q.add_argument("--tta-lr", type=float, default=None, help="TTA learning rate (default: calibration lr x 0.1)")
-    q.add_argument("--tta-blocks", type=int, default=1, help="how many final blocks adapt")
-    q.add_argument("--tta-windows", type=int, default=4, help="evaluation windows used for adaptation")
-    q.add_argument("--tta-seqlen", type=int, default=512, help="tokens per TTA window")
+    q.add_argument("--tta-blocks", type=int, default=None, help="how many final blocks adapt (1)")
+    q.add_argument("--tta-windows", type=int, default=None, help="evaluation windows used for adaptation (4)")
+    q.add_argument("--tta-seqlen", type=int, default=None, help="tokens per TTA window (512)")
     q.add_argument("--output", default=None, help="run folder (default runs/<method>-<scheme>)")
     q.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --output (same recipe and model; a finished run is refused)")
