@@ -161,6 +161,7 @@ CASES = [
      "cannot carry the online Hadamard rotation"),
     ("format-activation-only", ["--format", "compressed-tensors", "--wbits", "16", "--abits", "8"], None,
      "quantizes no weights"),
+    ("vision-flag-on-a-text-job", ["--image-size", "224"], None, "--image-size: vision jobs only"),
     ("tta-flag-without-tta", ["--tta-blocks", "2"], None, "--tta-blocks sets up test-time adaptation: add --tta"),
     ("tta-steps-0", ["--method", "lrquant", "--tta", "--tta-steps", "0"], None, "must be positive"),
     ("tta-lr-nan", ["--method", "lrquant", "--tta", "--tta-lr", "nan"], None, "--tta-lr must be a positive number"),

@@ -211,6 +211,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 print(f"{key:>15}  FP {100 * res['fp_' + key]:.1f}%   quantized {100 * res[key]:.1f}%")
         print(f"{'feature cosine':>15}  {res['feature_cosine']:.4f}\nrun folder: {out}")
         return 0
+    ignored = [flag for flag, value in (("--eval-images", args.eval_images), ("--eval-limit", args.eval_limit),
+                                        ("--image-size", args.image_size)) if value is not None]
+    if ignored:
+        raise ConfigError(f"{', '.join(ignored)}: vision jobs only (calibrate on an image folder or use --eval "
+                          "top1/retrieval)")
     windows = None if args.eval_windows == 0 else args.eval_windows
     result = run(
         args.model, recipe, out, eval_datasets=_default_eval(args), eval_seqlen=args.eval_seqlen,
