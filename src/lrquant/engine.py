@@ -77,7 +77,8 @@ class BlockReport:
 class BlockContext:
     """Everything a method sees of one block.
 
-    ``fp_in, q_in, fp_out``: ``[N, L, H]`` streams; ``kwargs``: the keyword arguments the block needs
+    ``fp_in, q_in, fp_out``: ``[N, L, H]`` streams (``fp_in``/``fp_out`` ``None`` for a method whose
+    ``needs_fp_stream`` is False); ``kwargs``: the keyword arguments the block needs
     (attention mask, position ids/embeddings), captured once, broadcast over the batch; ``args``: extra
     positional arguments after the hidden states (Swin: ``input_dimensions``). ``index``: position in
     ``mapping.block_list`` (over all stages); ``name``: the block's full dotted name.
@@ -89,9 +90,9 @@ class BlockContext:
     mapping: ArchMapping
     config: Any
     recipe: Recipe
-    fp_in: torch.Tensor
+    fp_in: torch.Tensor | None
     q_in: torch.Tensor
-    fp_out: torch.Tensor
+    fp_out: torch.Tensor | None
     kwargs: dict[str, Any]
     device: torch.device
     generator: torch.Generator
@@ -352,6 +353,10 @@ def quantize_blocks(
     stream_device = device if on_device else torch.device("cpu")
     fp_in = fp_in.to(stream_device)
     q_in = fp_in.clone()
+    # a method that needs no full-precision targets or statistics (RTN, GPTQ) runs the quantized stream only
+    keep_fp = method.needs_fp_stream
+    if not keep_fp:
+        fp_in = None
     kwargs = _to(kwargs, device)
     if mapping.stages is None:  # one block list: block 0's kwargs, captured once, serve every block
         calls = {name: ((), kwargs) for name, _ in slots}
@@ -374,7 +379,7 @@ def quantize_blocks(
     for index, (name, block) in enumerate(slots):
         args, kwargs = calls[name]
         block.to(device)
-        fp_out = run_stream(block, fp_in, kwargs, device, args=args)
+        fp_out = run_stream(block, fp_in, kwargs, device, args=args) if keep_fp else None
         ctx = BlockContext(
             index=index, name=name, block=block, mapping=mapping, config=model.config,
             recipe=recipe, fp_in=fp_in, q_in=q_in, fp_out=fp_out, kwargs=kwargs, device=device,
@@ -393,16 +398,21 @@ def quantize_blocks(
             ctx.report.seconds = round(time.time() - tb, 3)
         q_out = run_stream(block, q_in, kwargs, device, args=args)
         if index > completed:
-            ctx.report.out_rel_err = float((q_out - fp_out).pow(2).sum() / fp_out.pow(2).sum().clamp_min(1e-20))
+            if fp_out is not None:
+                ctx.report.out_rel_err = float((q_out - fp_out).pow(2).sum() / fp_out.pow(2).sum().clamp_min(1e-20))
             reports.append(ctx.report)
             if ckpt is not None:
                 ckpt.save(index, block, reports)
             loss = ctx.report.final_loss if ctx.report.final_loss is not None else ctx.report.out_rel_err
-            bar.set_postfix_str(f"block {index}: loss {loss:.3g}", refresh=False)
+            if loss is not None:
+                bar.set_postfix_str(f"block {index}: loss {loss:.3g}", refresh=False)
         fp_in, q_in = fp_out, q_out
         block.to("cpu")
         if index in transitions:  # between stages: the same full-precision module on both streams
-            fp_in, q_in = run_transition(model, transitions[index], calls, (fp_in, q_in), device)
+            if keep_fp:
+                fp_in, q_in = run_transition(model, transitions[index], calls, (fp_in, q_in), device)
+            else:
+                (q_in,) = run_transition(model, transitions[index], calls, (q_in,), device)
         bar.update(1)
     bar.close()
     method.finalize_model(model, mapping)

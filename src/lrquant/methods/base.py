@@ -40,6 +40,9 @@ class Method:
     loss_preset: ClassVar[dict[str, float]] = {"mse": 1.0, "nlc": 0.0, "q_target": 0.0}
     #: rounding kinds this method can run (``learned`` needs the block-training loop)
     roundings: ClassVar[tuple[str, ...]] = ("rtn", "gptq")
+    #: whether the engine must propagate the full-precision stream (targets, statistics); without it
+    #: only the quantized stream runs, which halves the cost of a method that learns nothing
+    needs_fp_stream: bool = True
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe

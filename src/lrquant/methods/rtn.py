@@ -27,7 +27,15 @@ def quantize_weights_rtn(model: nn.Module, scheme: Scheme) -> nn.Module:
 @register_method("rtn")
 class RTN(Method):
     """Freeze every weight on its grid (min-max, or the ``clip.init: mse`` search), through the recipe's
-    rounding stage (``rounding.kind: gptq`` makes this GPTQ); calibrate static activation quantizers."""
+    rounding stage (``rounding.kind: gptq`` makes this GPTQ); calibrate static activation quantizers.
+
+    GPTQ needs only the quantized stream, so with it the full-precision stream is not run (half the
+    calibration time; the per-block output error is then not reported). Plain RTN keeps it: its
+    per-block error is the baseline the other methods are judged against."""
+
+    @property
+    def needs_fp_stream(self) -> bool:
+        return self.recipe.rounding.kind != "gptq"
 
     def quantize_block(self, ctx) -> None:
         self.init_clipping(ctx)
