@@ -121,9 +121,9 @@ def _per_block(t: torch.Tensor, args: QuantArgs, shape: torch.Size) -> torch.Ten
 
 def block_params(m: QuantLinear, qtype: GGUFType, name: str = "linear"
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Unsigned block codes ``u [out, in]`` (uint8), ``d [out, in / 32]`` and, for asymmetric types,
+    """Block codes ``u [out, in]`` (int32), ``d [out, in / 32]`` and, for asymmetric types,
     ``m [out, in / 32]`` (float16) of one frozen QuantLinear: ``u = q + offset`` with lrquant's exact codes
-    ``q``, ``d = fp16(scale)``, ``m = fp16(-zp * scale)``."""
+    ``q`` (unsigned for the 4/5-bit types, signed for Q8_0), ``d = fp16(scale)``, ``m = fp16(-zp * scale)``."""
     args = m.weight_quantizer.args
     shape = m.weight.shape
     if shape[1] % BLOCK:
@@ -135,11 +135,11 @@ def block_params(m: QuantLinear, qtype: GGUFType, name: str = "linear"
         raise ExportError(f"{name}: a scale exceeds the float16 range of GGUF block scales")
     d = scale_b.to(torch.float16)
     mins = None if qtype.symmetric else (-_per_block(zp, args, shape) * scale_b).to(torch.float16)
-    return (codes + qtype.offset).to(torch.uint8), d, mins
+    return codes + qtype.offset, d, mins
 
 
 def pack_blocks(u: torch.Tensor, d: torch.Tensor, mins: torch.Tensor | None, qtype: GGUFType) -> np.ndarray:
-    """llama.cpp block bytes ``[out, in / 32 * block_bytes]`` (uint8) from ``u [out, in]``, ``d`` and
+    """llama.cpp block bytes ``[out, in / 32 * block_bytes]`` (uint8) from codes ``u [out, in]``, ``d`` and
     ``mins [out, in / 32]``. Per block: ``d`` (fp16), ``m`` (fp16, Q4_1/Q5_1), for 5 bits the 32 high bits
     (``qh``, little-endian bit order), then 16 bytes of nibbles (byte ``j`` holds codes ``j`` and ``j + 16``)
     or, for Q8_0, 32 signed bytes."""
@@ -150,8 +150,9 @@ def pack_blocks(u: torch.Tensor, d: torch.Tensor, mins: torch.Tensor | None, qty
     if mins is not None:
         parts.append(mins.reshape(-1, 1).numpy().view(np.uint8))
     if qtype.bits == 8:
-        parts.append(ub.astype(np.int16).astype(np.int8).view(np.uint8))  # u = q: signed bytes
+        parts.append(ub.astype(np.int8).view(np.uint8))  # signed bytes
     else:
+        ub = ub.astype(np.uint8)
         if qtype.bits == 5:
             parts.append(np.packbits((ub >> 4) & 1, axis=-1, bitorder="little"))
         low = ub & 0x0F
