@@ -267,7 +267,22 @@ def _state_ahead(ckpt: Path) -> None:
     (ckpt / "state.json").write_text(json.dumps({**state, "completed": 3, "reports": state["reports"] * 2}))
 
 
+def _flip_a_byte_under_a_recorded_digest(ckpt: Path) -> None:
+    """Record every block's sha256 in the state (as the engine's checkpointer may), then flip one data byte
+    of block 1: the file still parses, only the digest can tell."""
+    import hashlib
+
+    state = json.loads((ckpt / "state.json").read_text())
+    blocks = [ckpt / f"block_{i:04d}.safetensors" for i in range(state["completed"] + 1)]
+    state["block_sha256"] = [hashlib.sha256(b.read_bytes()).hexdigest() for b in blocks]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    data = bytearray(blocks[1].read_bytes())
+    data[-3] ^= 0xFF
+    blocks[1].write_bytes(bytes(data))
+
+
 DAMAGE = {
+    "flipped-byte-with-digest": _flip_a_byte_under_a_recorded_digest,
     "truncated-block": lambda c: _truncate(c / "block_0001.safetensors", 100),
     "empty-block": lambda c: _truncate(c / "block_0000.safetensors", 0),
     "missing-block": lambda c: (c / "block_0001.safetensors").unlink(),

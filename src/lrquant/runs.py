@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -76,6 +77,15 @@ def _intact_safetensors(path: Path) -> bool:
         return size == 8 + n + end
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+
+
+def _intact_block(path: Path, sha256: str | None) -> bool:
+    """A whole safetensors file (:func:`_intact_safetensors`) whose bytes match ``sha256`` when one is known."""
+    if not _intact_safetensors(path):
+        return False
+    if sha256 is None:
+        return True
+    return hashlib.sha256(path.read_bytes()).hexdigest() == sha256
 
 
 def _non_finite_quality(results: dict[str, Any]) -> list[str]:
@@ -222,8 +232,9 @@ class RunFolder:
     # ---- writing -----------------------------------------------------------------------------------------
     def repair_checkpoint(self) -> None:
         """Before a resume: keep the blocks the checkpoint can really restore. An unreadable ``state.json``
-        restarts the block loop; a missing, empty or truncated block file (or a state ahead of the files)
-        makes the loop continue after the last intact block, which it then recomputes. Warns either way."""
+        restarts the block loop; a missing, empty or truncated block file, one whose sha256 differs from the
+        state's ``block_sha256`` list (where the engine records it), or a state ahead of the files makes
+        the loop continue after the last intact block, which it then recomputes. Warns either way."""
         ckpt = self.path / CHECKPOINT
         state_path = ckpt / "state.json"
         if not state_path.exists():
@@ -235,8 +246,10 @@ class RunFolder:
             log.warning("%s is unreadable; the block loop starts again from block 0", state_path)
             state_path.unlink()
             return
+        digests = state.get("block_sha256") or []
         intact = -1
-        while intact < completed and _intact_safetensors(ckpt / f"block_{intact + 1:04d}.safetensors"):
+        while intact < completed and _intact_block(ckpt / f"block_{intact + 1:04d}.safetensors",
+                                                   digests[intact + 1] if intact + 1 < len(digests) else None):
             intact += 1
         if intact < completed:
             log.warning("checkpoint block %d is missing or damaged; blocks from %d on are recomputed",
