@@ -182,6 +182,7 @@ CASES = [
     ("model-corrupt-gguf", ["--model", corrupt_gguf], None, "cannot load model"),
     ("model-not-a-causal-lm", ["--model", vision_folder], None, "cannot load model"),
     ("output-is-a-file", [], a_file, "is a file"),
+    ("output-below-a-file", ["--output", lambda tmp: str(tmp / "runs" / "out" / "sub")], a_file, "is a file"),
     ("output-foreign-folder", [], foreign_folder, "holds files lrquant did not write"),
     ("finished-run", [], finished_run, "already holds a finished run"),
     ("resume-finished-run", ["--resume"], finished_run, "--resume continues an interrupted run only"),

@@ -139,6 +139,8 @@ class RunFolder:
         if p.exists() and not p.is_dir():
             raise ConfigError(f"--output {p} is a file, not a folder")
         existing = next(a for a in (p, *p.absolute().parents) if a.exists())
+        if not existing.is_dir():
+            raise ConfigError(f"--output {p}: {existing} is a file, not a folder")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError(f"--output {p}: {existing} is not writable")
         if not p.exists():
