@@ -165,7 +165,7 @@ CASES = [
     ("tta-flag-without-tta", ["--tta-blocks", "2"], None, "--tta-blocks sets up test-time adaptation: add --tta"),
     ("tta-steps-0", ["--method", "lrquant", "--tta", "--tta-steps", "0"], None, "must be positive"),
     ("tta-lr-nan", ["--method", "lrquant", "--tta", "--tta-lr", "nan"], None, "--tta-lr must be a positive number"),
-    ("tta-with-rtn", ["--method", "rtn", "--tta", "--eval", "default"], None, "rtn trains nothing"),
+    ("tta-with-rtn", ["--method", "rtn", "--tta", "--eval", "default"], None, "rtn cannot"),
     ("tta-without-eval", ["--method", "lrquant", "--tta"], None, "--tta needs --eval"),
     ("tta-blocks-too-many", ["--method", "lrquant", "--tta", "--tta-blocks", "5", "--eval", "default"], None,
      "--tta-blocks 5 exceeds the model's 2 blocks"),

@@ -106,6 +106,16 @@ def test_resume_is_bit_identical(tmp_path):
     for (n1, t1), (n2, t2) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert n1 == n2 and torch.equal(t1, t2), n1
     assert torch.equal(full(x).logits, resumed(x).logits)
+    # what is not a tensor comes back too: the restored blocks' per-layer weight errors
+    from lrquant.engine import layer_errors
+
+    assert layer_errors(resumed) == layer_errors(full) and len(layer_errors(full)) == 3 * 7
+    import hashlib
+    import json
+
+    state = json.loads((tmp_path / "b" / "state.json").read_text())
+    assert state["block_sha256"] == [hashlib.sha256((tmp_path / "b" / f"block_{i:04d}.safetensors").read_bytes())
+                                     .hexdigest() for i in range(3)]
 
 
 def test_resume_refuses_other_recipe(tmp_path):

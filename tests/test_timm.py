@@ -27,6 +27,7 @@ from lrquant.arch.timm_checkpoint import TIMM_CHECKPOINT, fuse_tensor_names, fus
 from lrquant.arch.timm_vit import TIMM_QKV_SPLIT, TIMM_VIT, TimmViTConfig, fuse_qkv, split_qkv
 from lrquant.config import CalibArgs, Recipe, Scheme, TrainArgs
 from lrquant.errors import LrquantError, UnsupportedArchitectureError
+from lrquant.export import quant_state
 from lrquant.quant.attention import AttentionQuantizer
 from lrquant.quant.quantizers import QuantLinear
 from lrquant.transforms import fold_block
@@ -313,7 +314,7 @@ def test_methods_w4a4_end_to_end(method):
 
     with torch.no_grad(), full_precision(model):
         torch.testing.assert_close(fresh(x), model(x), atol=1e-5, rtol=1e-5)
-    qparams = fuse_tensor_names(api.quant_state(model))
+    qparams = fuse_tensor_names(quant_state(model))
     assert qparams["blocks.0.attn.qkv.weight_scale"].shape == (3 * DIM, 1)
     assert not any("q_proj" in k or "o_proj" in k for k in qparams)
 

@@ -23,7 +23,6 @@ from torch import nn
 from .config import Recipe
 from .engine import BlockReport, EngineResult, quantize_blocks
 from .errors import ConfigError, LrquantError
-from .export.qparams import quant_state  # noqa: F401  (its home is lrquant.export; kept here for callers)
 from .methods import get_method
 from .models import load_model
 

@@ -303,11 +303,26 @@ class Checkpointer:
         return state
 
     def save(self, index: int, block: nn.Module, reports: list[BlockReport]) -> None:
-        atomic_save_tensors(self.folder / f"block_{index:04d}.safetensors", block_tensors(block))
+        """Block ``index``'s tensors, then the state: the reports, the sha256 of every block file (so a
+        resume can tell a damaged file) and each block's per-layer weight errors (not tensors)."""
+        path = self.folder / f"block_{index:04d}.safetensors"
+        atomic_save_tensors(path, block_tensors(block))
+        state = self.state() if (self.folder / "state.json").is_file() else {}
+        digests = list(state.get("block_sha256", []))[:index] + [hashlib.sha256(path.read_bytes()).hexdigest()]
+        errors = dict(state.get("layer_errors", {}))
+        errors[str(index)] = {n: m.quant_error for n, m in quant_linears(block).items() if m.quant_error is not None}
         atomic_write_json(
             self.folder / "state.json",
-            {"fingerprint": self.fingerprint, "completed": index, "reports": [asdict(r) for r in reports]},
+            {"fingerprint": self.fingerprint, "completed": index, "reports": [asdict(r) for r in reports],
+             "block_sha256": digests, "layer_errors": errors},
         )
+
+    def restore_layer_errors(self, index: int, block: nn.Module) -> None:
+        """Put back block ``index``'s per-layer weight errors (``QuantLinear.quant_error``)."""
+        errors = self.state().get("layer_errors", {}).get(str(index), {})
+        for name, lin in quant_linears(block).items():
+            if name in errors:
+                lin.quant_error = errors[name]
 
     def load(self, index: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.folder / f"block_{index:04d}.safetensors"))
@@ -391,6 +406,7 @@ def quantize_blocks(
         method.prepare_block(ctx)
         if index <= completed:
             load_block_tensors(block, ckpt.load(index))
+            ckpt.restore_layer_errors(index, block)
             method.restore_block(ctx)
         else:
             tb = time.time()

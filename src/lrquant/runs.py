@@ -408,10 +408,7 @@ def prepare_job(model_name: str, recipe: Recipe, output_dir: str | Path, *, devi
     from .identity import model_identity
     from .methods import get_method
 
-    method = get_method(recipe.method)(recipe)
-    if recipe.tta is not None and not hasattr(method, "tta_state"):  # what tta.adapt continues from
-        raise ConfigError(f"test-time adaptation continues a learned method's block training; {recipe.method} "
-                          "trains nothing (use omniquant, affinequant, lrquant or lrquant_plus)")
+    get_method(recipe.method)(recipe)  # the recipe was validated on construction (TTA support included)
     check_device(device)
     check_format(recipe, export_format)
     folder = RunFolder(output_dir, overwrite=overwrite, resume=resume)

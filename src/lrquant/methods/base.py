@@ -43,6 +43,8 @@ class Method:
     #: whether the engine must propagate the full-precision stream (targets, statistics); without it
     #: only the quantized stream runs, which halves the cost of a method that learns nothing
     needs_fp_stream: bool = True
+    #: whether the ``tta`` post-step can continue this method's block training (see :mod:`lrquant.tta`)
+    supports_tta: ClassVar[bool] = False
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
@@ -64,6 +66,9 @@ class Method:
         if recipe.rounding.kind not in cls.roundings:
             raise ConfigError(f"rounding.kind {recipe.rounding.kind!r} is not available with method {cls.name} "
                               f"(available: {', '.join(cls.roundings)})")
+        if recipe.tta is not None and not cls.supports_tta:
+            raise ConfigError(f"test-time adaptation continues a learned method's block training; {cls.name} "
+                              "cannot (use omniquant, affinequant, lrquant or lrquant_plus)")
         if recipe.clip.learn and not cls.uses_lwc:
             raise ConfigError(f"clip.learn needs a learned method; {cls.name} trains nothing")
 

@@ -109,6 +109,7 @@ class LearnedMethod(Method):
 
     Options: ClassVar[type] = LearnedOptions
     uses_lwc = True
+    supports_tta: ClassVar[bool] = True
     roundings: ClassVar[tuple[str, ...]] = ("rtn", "gptq", "learned")
     default_lr: ClassVar[dict[str, float]] = {"lwc": 1e-2, "let": 5e-3, "rot": 1e-3, "round": 5e-3}
 

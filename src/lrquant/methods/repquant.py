@@ -187,14 +187,8 @@ class RepQuant(LearnedMethod):
 
     Options: ClassVar[type] = RepQuantOptions
     roundings: ClassVar[tuple[str, ...]] = ("rtn",)
+    supports_tta: ClassVar[bool] = False  # its block step reparameterizes the block
     default_lr: ClassVar[dict[str, float]] = {**LearnedMethod.default_lr, "clip": 1e-1}
-
-    @classmethod
-    def expand(cls, recipe) -> None:
-        super().expand(recipe)
-        if recipe.tta is not None:
-            raise ConfigError("repquant does not support test-time adaptation (its block step reparameterizes "
-                              "the block)")
 
     def __init__(self, recipe) -> None:
         super().__init__(recipe)
