@@ -1,5 +1,6 @@
 """Test-time adaptation study: calibrate once on WikiText-2, then PPL on other corpora without TTA and with
 several TTA settings (last K blocks, S steps, learning rate), restoring the calibrated blocks in between.
+Adaptation uses the tail of each stream, scoring its first windows: never the same tokens.
 
     python bench/bench_tta.py --data-dir ../shared/data                 # LRQuant W4A4, PTB and C4
 
@@ -13,10 +14,11 @@ import json
 import os
 import time
 
-from lrquant.api import _run_tta, evaluate_ppl, quantize
-from lrquant.config import CalibArgs, Recipe, Scheme, TrainArgs
+from lrquant.api import quantize
+from lrquant.config import CalibArgs, Recipe, Scheme, TrainArgs, TTAStep
+from lrquant.eval.perplexity import evaluate_ppl, load_eval_sets
 from lrquant.models import load_model
-from lrquant.tta import TTAConfig
+from lrquant.runs import run_tta
 
 SETTINGS = [dict(blocks=1, steps=2), dict(blocks=4, steps=5, lr=5e-3)]
 
@@ -31,7 +33,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--eval", default="ptb,c4")
     ap.add_argument("--eval-windows", type=int, default=4)
-    ap.add_argument("--settings", default=json.dumps(SETTINGS), help="JSON list of TTAConfig keyword dicts")
+    ap.add_argument("--settings", default=json.dumps(SETTINGS), help="JSON list of TTAStep keyword dicts")
+    ap.add_argument("--option", action="append", default=[], help="recipe override KEY=VALUE (YAML value), "
+                    "e.g. loss.mask=massive")
     ap.add_argument("--data-dir", default=os.environ.get("LRQUANT_DATA_DIR"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="runs/bench-tta.json")
@@ -39,22 +43,24 @@ def main() -> None:
 
     settings = json.loads(args.settings)
     model, tok, display = load_model("default")
+    import yaml
+
     recipe = Recipe(method=args.method, scheme=Scheme.from_bits(args.wbits, args.abits, None),
                     calib=CalibArgs(dataset="wikitext2", nsamples=args.nsamples, seqlen=args.seqlen, seed=0),
                     train=TrainArgs(epochs=args.epochs, batch_size=1))
-    recipe.options["tta_blocks"] = max(s.get("blocks", 1) for s in settings)
-    recipe = Recipe.from_dict(recipe.to_dict())
+    recipe = recipe.with_options({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)})
+    recipe = recipe.with_tta(TTAStep(blocks=max(s.get("blocks", 1) for s in settings)))
     t0 = time.time()
     qr = quantize(model, recipe, tokenizer=tok, device=args.device, progress=False, data_dir=args.data_dir,
                   model_name=display)
     print(f"calibrated {args.method} {recipe.scheme.name()} in {time.time() - t0:.0f}s", flush=True)
-    sets = args.eval.split(",")
-    base = evaluate_ppl(model, tok, sets, 2048, args.eval_windows, args.data_dir, args.device, False)
+    sets = load_eval_sets(tok, args.eval.split(","), args.data_dir)
+    base = evaluate_ppl(model, sets, 2048, args.eval_windows, args.device, False)
     rows = [{"config": None, "ppl": {k: v["ppl"] for k, v in base.items()}}]
     print(json.dumps(rows[0]), flush=True)
     for s in settings:
-        ppl, info = _run_tta(model, "default", qr.method, tok, sets, TTAConfig(**s), 2048, args.eval_windows,
-                             args.data_dir, args.device, False)
+        ppl, info = run_tta(model, "default", qr.method, sets, TTAStep(**s), 2048, args.eval_windows, args.device,
+                            False)
         rows.append({"config": s, "ppl": ppl, "seconds": {k: v["seconds"] for k, v in info.items()},
                      "loss": {k: (v["init_loss"], v["final_loss"]) for k, v in info.items()}})
         print(json.dumps(rows[-1]), flush=True)

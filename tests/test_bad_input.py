@@ -169,6 +169,8 @@ CASES = [
     ("tta-without-eval", ["--method", "lrquant", "--tta"], None, "--tta needs --eval"),
     ("tta-blocks-too-many", ["--method", "lrquant", "--tta", "--tta-blocks", "5", "--eval", "default"], None,
      "--tta-blocks 5 exceeds the model's 2 blocks"),
+    ("tta-on-scored-tokens", ["--method", "lrquant", "--tta", "--eval", "default", "--eval-windows", "0"], None,
+     "are left after the scored windows"),
     ("unknown-task", ["--tasks", "piqaa"], None, "unknown zero-shot task 'piqaa'"),
     ("unknown-eval-corpus", ["--eval", "wikitext3"], None, "unknown corpus 'wikitext3'"),
     ("text-folder-as-calib", ["--calib", text_folder], None, "is a folder without images"),

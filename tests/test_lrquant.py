@@ -120,3 +120,15 @@ def test_tta_without_state_is_a_clear_error():
     res = api.quantize(q, _recipe("lrquant"), CALIB, progress=False)
     with pytest.raises(ConfigError, match="no TTA state"):
         adapt(q, fp, res.method, torch.randint(0, 128, (1, 64)), TTAStep(windows=2, seqlen=32))
+
+
+def test_tta_adapts_on_the_tail_and_never_on_scored_tokens():
+    from lrquant.errors import DataError
+
+    fp = tiny_llama(layers=2)
+    q = copy.deepcopy(fp)
+    res = api.quantize(q, _recipe("lrquant", 4, 4, tta_blocks=1), CALIB, progress=False)
+    tokens = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(7))
+    adapt(q, fp, res.method, tokens, TTAStep(steps=1, blocks=1, windows=1, seqlen=32), held_out=64)
+    with pytest.raises(DataError, match="after the 80 scored"):
+        adapt(q, fp, res.method, tokens, TTAStep(steps=1, blocks=1, windows=1, seqlen=32), held_out=80)

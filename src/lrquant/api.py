@@ -158,10 +158,10 @@ def run(
                                         overwrite=overwrite, export_format=export_format)
     model, tokenizer, display = runs.load_checked(model_name)
     validate_scheme(model, recipe)
-    runs.check_tta_blocks(model, recipe)
     with runs.data_errors():
         calib = calibration_data(recipe, tokenizer, data_dir)
         eval_sets = load_eval_sets(tokenizer, eval_datasets, data_dir)
+    runs.check_tta(model, recipe, eval_sets, eval_seqlen, eval_windows)
     with folder.open():
         results = {**runs.results_header("text", display, model_id, recipe),
                    "eval": {"seqlen": eval_seqlen, "windows": eval_windows}}

@@ -477,8 +477,9 @@ def finish_job(folder: RunFolder, model: nn.Module, processor: Any, results: dic
 # ---- post-steps ----------------------------------------------------------------------------------------
 def run_tta(q_model: nn.Module, model_name: str, method: Any, eval_sets: dict[str, torch.Tensor], step: TTAStep,
             seqlen: int, windows: int | None, device: str, progress: bool) -> tuple[dict[str, float], dict[str, Any]]:
-    """The TTA post-step ``step`` per evaluation set (``{name: tokens [1, T]}``): adapt the last blocks on its
-    (unlabeled) stream, measure PPL, restore the calibrated blocks. ``method`` quantized ``q_model`` with a
+    """The TTA post-step ``step`` per evaluation set (``{name: tokens [1, T]}``): adapt the last blocks on
+    the tail of its (unlabeled) stream, measure PPL on the scored windows at its start (never the same
+    tokens), restore the calibrated blocks. ``method`` quantized ``q_model`` with a
     recipe whose TTA step keeps at least ``step.blocks`` blocks. Returns ``({name: ppl}, {name: report})``."""
     from .arch.base import get_mapping, set_submodule
     from .eval.perplexity import evaluate_ppl
@@ -489,7 +490,8 @@ def run_tta(q_model: nn.Module, model_name: str, method: Any, eval_sets: dict[st
     for name, tokens in eval_sets.items():
         slots = get_mapping(q_model).block_list(q_model)
         saved = {slots[i][0]: copy.deepcopy(slots[i][1]) for i in range(len(slots) - step.blocks, len(slots))}
-        report = adapt(q_model, fp_model, method, tokens, step, device)
+        report = adapt(q_model, fp_model, method, tokens, step, device,
+                       held_out=scored_tokens(tokens, seqlen, windows))
         ppl[name] = evaluate_ppl(q_model, {name: tokens}, seqlen, windows, device, progress)[name]["ppl"]
         info[name] = {**asdict(report), "config": asdict(step)}
         log.info("TTA on %s: %.1fs, perplexity %.4f", name, report.seconds, ppl[name])
@@ -498,13 +500,30 @@ def run_tta(q_model: nn.Module, model_name: str, method: Any, eval_sets: dict[st
     return ppl, info
 
 
-def check_tta_blocks(model: nn.Module, recipe: Recipe) -> None:
-    """Refuse, before calibrating, a TTA post-step that adapts more blocks than the model has."""
+def scored_tokens(tokens: torch.Tensor, seqlen: int, windows: int | None) -> int:
+    """How many leading tokens of ``tokens [1, T]`` the perplexity scores (whole windows of ``seqlen``)."""
+    total = tokens.shape[1] // seqlen
+    return seqlen * (total if windows is None else min(windows, total))
+
+
+def check_tta(model: nn.Module, recipe: Recipe, eval_sets: dict[str, torch.Tensor], seqlen: int,
+              windows: int | None) -> None:
+    """Refuse, before calibrating, a TTA post-step that adapts more blocks than the model has, or whose
+    adaptation windows would overlap the scored ones on some evaluation stream."""
     from .arch.base import get_mapping
 
+    if recipe.tta is None:
+        return
     n = len(get_mapping(model).block_list(model))
-    if recipe.tta is not None and recipe.tta.blocks > n:
+    if recipe.tta.blocks > n:
         raise ConfigError(f"--tta-blocks {recipe.tta.blocks} exceeds the model's {n} blocks")
+    need = recipe.tta.windows * recipe.tta.seqlen
+    for name, tokens in eval_sets.items():
+        free = tokens.shape[1] - scored_tokens(tokens, seqlen, windows)
+        if free < need:
+            raise ConfigError(f"TTA on {name} adapts on {need} tokens that are not scored, but only {free} of its "
+                              f"{tokens.shape[1]} are left after the scored windows: lower --eval-windows or "
+                              "--tta-windows/--tta-seqlen")
 
 
 # ---- the vision job -------------------------------------------------------------------------------------

@@ -40,9 +40,13 @@ def _moved(block: nn.Module, device: torch.device):
 
 def adapt(
     q_model: nn.Module, fp_model: nn.Module, method, tokens: torch.Tensor, cfg: TTAStep,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", held_out: int = 0,
 ) -> TTAReport:
     """Adapt the last ``cfg.blocks`` blocks of ``q_model`` in place on ``tokens [1, T]``.
+
+    The adaptation windows are the *last* ``cfg.windows x cfg.seqlen`` tokens of the stream; ``held_out``
+    leading tokens (the ones the caller scores) must stay out of them, so adaptation and scoring never
+    see the same text.
 
     ``method`` is the (learned) method object that quantized ``q_model`` with ``tta_blocks >= cfg.blocks``.
     Token streams through one block list only (staged mappings are refused).
@@ -66,9 +70,10 @@ def adapt(
             f"no TTA state for blocks {missing}: quantize with a learned method and a tta post-step with blocks >= "
             f"{cfg.blocks} in the same process (a resumed run restores weights, not training state)")
     need = cfg.windows * cfg.seqlen
-    if tokens.shape[1] < need:
-        raise DataError(f"TTA needs {need} evaluation tokens ({cfg.windows} x {cfg.seqlen}), got {tokens.shape[1]}")
-    windows = tokens[0, :need].reshape(cfg.windows, cfg.seqlen)
+    if tokens.shape[1] - held_out < need:
+        raise DataError(f"TTA needs {need} evaluation tokens ({cfg.windows} x {cfg.seqlen}) after the {held_out} "
+                        f"scored ones, the stream has {tokens.shape[1]}")
+    windows = tokens[0, tokens.shape[1] - need:].reshape(cfg.windows, cfg.seqlen)
 
     with torch.no_grad():
         fp_in, kwargs = capture_block_inputs(fp_model, mapping, windows, device)
