@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .quant.primitives import qrange
 
 BUILTIN_RECIPES = Path(__file__).parent / "recipes"
 STRATEGIES = ("tensor", "channel", "group", "token")
@@ -73,11 +74,11 @@ class QuantArgs:
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.num_bits - 1)) if self.symmetric else 0
+        return qrange(self.num_bits, self.symmetric)[0]
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.num_bits - 1) - 1 if self.symmetric else 2**self.num_bits - 1
+        return qrange(self.num_bits, self.symmetric)[1]
 
     def describe(self) -> str:
         if not self.enabled:

@@ -50,7 +50,7 @@ from torch.nn.utils import parametrize
 from ..config import QuantArgs, Scheme
 from ..errors import ConfigError, LrquantError
 from ..io import atomic_dir
-from ..quant.primitives import as_rows
+from ..quant.primitives import as_rows, signed_offset
 from ..quant.quantizers import QuantLinear
 
 # A module whose ``getattr(module, ONLINE_ATTR, None)`` is truthy runs an operation at inference time that
@@ -204,7 +204,7 @@ def ct_qparams(scale: torch.Tensor, zero_point: torch.Tensor, args: QuantArgs, s
         new_shape = (1,)
     else:
         raise ConfigError(f"weights cannot use strategy {args.strategy!r}")
-    offset = 0 if args.symmetric else 2 ** (args.num_bits - 1)
+    offset = signed_offset(args.num_bits, args.symmetric)
     zp = (zero_point.round() - offset).to(torch.int8)
     return scale.reshape(new_shape), zp.reshape(new_shape)
 

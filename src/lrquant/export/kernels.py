@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..config import QuantArgs
-from ..quant.primitives import SCALE_EPS, as_rows
+from ..quant.primitives import SCALE_EPS, as_rows, signed_offset
 from ..quant.quantizers import QuantLinear
 from .compressed import ExportError, recover_codes
 
@@ -108,7 +108,7 @@ class Int4WeightOnlyLinear(nn.Module):
         scale, zp = _per_kernel_group(scale, args, m.out_features, m.in_features // group), \
             _per_kernel_group(zp, args, m.out_features, m.in_features // group)
         # centre the codes in [0, 15]: u = q + c, zero = (8 - c - zp) * scale (0 for symmetric codes)
-        c = 8 if args.symmetric else 8 - 2 ** (args.num_bits - 1)
+        c = 8 - signed_offset(args.num_bits, args.symmetric)
         u, zero = codes + c, (8 - c - zp) * scale
         self.register_buffer("packed", self._pack(u))
         sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [in/g, out, 2]
@@ -148,7 +148,7 @@ def int8_weight_ok(args: QuantArgs) -> bool:
 def _signed_int8(codes: torch.Tensor, zp: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes on our grid -> int8 codes and zero point with the same ``q - zp`` (asymmetric codes are
     shifted by ``2^(b-1)`` onto the signed grid, which keeps the zero-point correction small)."""
-    shift = 0 if args.symmetric else 2 ** (args.num_bits - 1)
+    shift = signed_offset(args.num_bits, args.symmetric)
     return (codes - shift).to(torch.int8), zp - shift
 
 
@@ -228,7 +228,7 @@ class Int8DynamicLinear(nn.Module):
         self.register_buffer("w_scale", _per_channel(scale, w_args, m.out_features).contiguous())
         self.register_buffer("w_zp", _per_channel(zp, w_args, m.out_features).to(torch.int32).contiguous())
         self.register_buffer("w_colsum", q.to(torch.int32).sum(dim=1))
-        self.a_shift = 0 if a_args.symmetric else 2 ** (a_args.num_bits - 1)
+        self.a_shift = signed_offset(a_args.num_bits, a_args.symmetric)
         self.w_symmetric = w_args.symmetric
         if q.is_cuda and (m.in_features % 8 or m.out_features % 8):
             raise ValueError("CUDA int8 GEMM needs in/out features divisible by 8")
@@ -354,11 +354,6 @@ def _export_tensors(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {name: t for name, t in found.items() if "weight_scale" in t}
 
 
-def _offset(args: QuantArgs) -> int:
-    """Our grid minus compressed-tensors' signed grid: ``2^(b-1)`` for asymmetric args, else 0."""
-    return 0 if args.symmetric else 2 ** (args.num_bits - 1)
-
-
 def frozen_from_export(linear: nn.Linear, tensors: dict[str, torch.Tensor], weights: QuantArgs,
                        acts: QuantArgs | None) -> QuantLinear:
     """A frozen :class:`QuantLinear` rebuilt from one module's exported tensors (our grid and layout).
@@ -373,7 +368,7 @@ def frozen_from_export(linear: nn.Linear, tensors: dict[str, torch.Tensor], weig
         codes = unpack_from_int32(tensors["weight_packed"], weights.num_bits, torch.Size(shape))
     else:
         codes = tensors["weight"]
-    codes = codes.to(torch.int32) + _offset(weights)
+    codes = codes.to(torch.int32) + signed_offset(weights.num_bits, weights.symmetric)
     scale = tensors["weight_scale"].float()
     rows = scale.numel()
     zp = tensors.get("weight_zero_point")
@@ -382,7 +377,7 @@ def frozen_from_export(linear: nn.Linear, tensors: dict[str, torch.Tensor], weig
     else:
         if "weight_packed" in tensors:
             zp = unpack_from_int32(zp, weights.num_bits, scale.shape, packed_dim=0)
-        zp = zp.float().reshape(rows, 1) + _offset(weights)
+        zp = zp.float().reshape(rows, 1) + signed_offset(weights.num_bits, weights.symmetric)
     scale = scale.reshape(rows, 1)
     w = (as_rows(codes, weights.strategy, weights.group_size).float() - zp) * scale
     linear.weight.data = w.reshape(shape)
@@ -394,7 +389,7 @@ def frozen_from_export(linear: nn.Linear, tensors: dict[str, torch.Tensor], weig
         m.input_quantizer.scale = tensors["input_scale"].float().reshape(1, 1)
         a_zp = tensors.get("input_zero_point")
         m.input_quantizer.zero_point = (torch.zeros(1, 1) if acts.symmetric or a_zp is None
-                                        else a_zp.float().reshape(1, 1) + _offset(acts))
+                                        else a_zp.float().reshape(1, 1) + signed_offset(acts.num_bits, acts.symmetric))
     return m
 
 

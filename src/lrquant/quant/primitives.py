@@ -25,6 +25,21 @@ from ..errors import ConfigError
 SCALE_EPS = 1e-8
 
 
+def qrange(num_bits: int, symmetric: bool) -> tuple[int, int]:
+    """The integer grid ``(qmin, qmax)``: ``[-2^(b-1), 2^(b-1) - 1]`` symmetric, ``[0, 2^b - 1]`` otherwise."""
+    if symmetric:
+        return -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
+    return 0, 2**num_bits - 1
+
+
+def signed_offset(num_bits: int, symmetric: bool) -> int:
+    """Our grid minus the signed grid ``[-2^(b-1), 2^(b-1) - 1]``: ``2^(b-1)`` asymmetric, 0 symmetric.
+
+    Subtracting it maps our codes (and integer zero points) onto the signed grid that int8 kernels and
+    compressed-tensors use; adding it maps them back."""
+    return 0 if symmetric else 2 ** (num_bits - 1)
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round in the forward pass, identity gradient in the backward pass (the one STE helper)."""
     return (x.round() - x).detach() + x
@@ -102,7 +117,7 @@ def fake_quant_rows(
     x: torch.Tensor, num_bits: int, symmetric: bool, strategy: str, group_size: int | None = None
 ) -> torch.Tensor:
     """Round-to-nearest min-max fake quantization of ``x`` at one granularity (same shape out)."""
-    qmin, qmax = (-(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1) if symmetric else (0, 2**num_bits - 1)
+    qmin, qmax = qrange(num_bits, symmetric)
     rows = as_rows(x, strategy, group_size)
     scale, zp = minmax_qparams(rows, qmin, qmax, symmetric)
     return fake_quant(rows, scale, zp, qmin, qmax).reshape(x.shape)
