@@ -39,7 +39,7 @@ def test_one_document_expresses_rotation_method_stages_and_tta(tmp_path):
 
 
 @pytest.mark.parametrize("patch, message", [
-    ({"rounding": {"kind": "gptqq"}}, "rounding.kind must be one of rtn, gptq, learned"),
+    ({"rounding": {"kind": "gptqq"}}, "unknown rounding.kind .gptqq.; available: gptq, learned, rtn"),
     ({"loss": {"nlcc": 1}}, "unknown loss field"),
     ({"train": {"iters": "many"}}, "train.iters: expected int"),
     ({"train": {"lr": {"lett": 0.1}}}, "train.lr group must be one of"),

@@ -301,13 +301,11 @@ class ClipArgs:
         check_range(self.grid, 1, 1000, "clip.grid")
 
 
-ROUNDINGS = ("rtn", "gptq", "learned")
-
-
 @dataclass
 class RoundingArgs:
     """How weights meet their grid, after the transforms and clipping are learned and folded.
 
+    ``kind`` names a registered stage (:mod:`lrquant.methods.rounding`, checked on construction).
     ``rtn``: round to nearest. ``gptq``: GPTQ per linear, sequential inside the block (attention inputs,
     then o, then MLP inputs, then down, each seeing the already-quantized earlier layers), Hessian from
     the block's quantized input stream; ``damp`` (fraction of the mean diagonal), ``block_size``
@@ -323,7 +321,6 @@ class RoundingArgs:
     act_order: bool = False
 
     def __post_init__(self) -> None:
-        check_choice(self.kind, ROUNDINGS, "rounding.kind")
         check_range(self.damp, 0.0, 1.0, "rounding.damp")
         check_range(self.block_size, 1, None, "rounding.block_size")
 

@@ -63,6 +63,9 @@ class Method:
         for key, value in cls.loss_preset.items():
             if getattr(recipe.loss, key) is None:
                 setattr(recipe.loss, key, value)
+        from .rounding import get_rounding
+
+        get_rounding(recipe.rounding.kind)  # unknown kinds: the registered ones are listed
         if recipe.rounding.kind not in cls.roundings:
             raise ConfigError(f"rounding.kind {recipe.rounding.kind!r} is not available with method {cls.name} "
                               f"(available: {', '.join(cls.roundings)})")

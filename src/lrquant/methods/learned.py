@@ -15,6 +15,7 @@ from torch import nn
 
 from ..arch.base import SmoothPair
 from ..losses import combined, massive_token_mask
+from ..quant.observers import MinMaxObserver
 from ..quant.quantizers import UniformQuantizer, quantization_disabled
 from ..transforms import Transform, fold_block
 from .base import Method
@@ -51,28 +52,27 @@ def channel_stats(ctx: BlockContext, pairs: tuple[SmoothPair, ...]) -> dict[str,
     Keys are ``pair.prev``. ``heads``: the o_proj input reduced to kv channels ``[KV * D]`` (max over the
     query heads of each group); ``qk``: not collected (initialised to ones).
     """
-    stats: dict[str, dict[str, torch.Tensor]] = {}
-    n, kv, hd = ctx.mapping.heads(ctx.config, ctx.block)
+    observed = [p for p in pairs if p.kind != "qk"]
+    observers = {p.prev: MinMaxObserver() for p in observed}
 
-    def hook_for(pair: SmoothPair):
+    def hook_for(observer: MinMaxObserver):
         def hook(_m: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            lo, hi = x.amin(0), x.amax(0)
-            if pair.kind == "heads":
-                group = n // kv  # [H * D] -> [KV, group, D] -> [KV * D]
-                lo = lo.reshape(kv, group, hd).amin(1).reshape(-1)
-                hi = hi.reshape(kv, group, hd).amax(1).reshape(-1)
-            cur = stats.get(pair.prev)
-            if cur is None:
-                stats[pair.prev] = {"min": lo, "max": hi}
-            else:
-                cur["min"], cur["max"] = torch.minimum(cur["min"], lo), torch.maximum(cur["max"], hi)
+            observer.update(args[0].float())
         return hook
 
-    hooks = [(ctx.block.get_submodule(p.nexts[0]), hook_for(p)) for p in pairs if p.kind != "qk"]
+    hooks = [(ctx.block.get_submodule(p.nexts[0]), hook_for(observers[p.prev])) for p in observed]
     observe_inputs(ctx, hooks, ctx.fp_in, quantization_disabled(ctx.block))
-    for s in stats.values():
-        s["absmax"] = torch.maximum(s["min"].abs(), s["max"].abs())
+    n, kv, hd = ctx.mapping.heads(ctx.config, ctx.block)
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    for pair in observed:
+        lo, hi = observers[pair.prev].min, observers[pair.prev].max
+        if lo is None:  # the stream never reached this pair's linears
+            continue
+        if pair.kind == "heads":
+            group = n // kv  # [H * D] -> [KV, group, D] -> [KV * D] (min/max commute with this reduction)
+            lo = lo.reshape(kv, group, hd).amin(1).reshape(-1)
+            hi = hi.reshape(kv, group, hd).amax(1).reshape(-1)
+        stats[pair.prev] = {"min": lo, "max": hi, "absmax": torch.maximum(lo.abs(), hi.abs())}
     return stats
 
 

@@ -54,6 +54,7 @@ from ..errors import ConfigError
 from ..quant.attention import AttentionQuantizer, enable_attention_quantization
 from ..quant.dualclip import ChannelDualClipQuantizer, fold_linear, fold_norm
 from ..quant.log import LogSqrt2Quantizer, reparam_dequant
+from ..quant.observers import MinMaxObserver
 from ..quant.primitives import fake_quant
 from ..quant.quantizers import QuantLinear, UniformQuantizer, quantization_disabled
 from ..transforms.base import add_param, original
@@ -252,17 +253,14 @@ class RepQuant(LearnedMethod):
         """Per-channel min/max of each norm output on the quantized stream (full-precision block), then
         :meth:`ChannelDualClipQuantizer.set_range`."""
         quantizers = self.clip_quantizers(ctx.block)
-        ranges: dict[int, list[torch.Tensor]] = {}
+        observers = {id(q): MinMaxObserver() for q in quantizers}
 
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            lo, hi = x.amin(0), x.amax(0)
-            cur = ranges.get(id(module))
-            ranges[id(module)] = [lo, hi] if cur is None else [torch.minimum(cur[0], lo), torch.maximum(cur[1], hi)]
+            observers[id(module)].update(args[0].float())
 
         observe_inputs(ctx, [(q, hook) for q in quantizers], ctx.q_in, full_precision(ctx.block))
         for q in quantizers:
-            q.set_range(*ranges[id(q)])
+            q.set_range(observers[id(q)].min, observers[id(q)].max)
 
     @torch.no_grad()
     def reparameterize(self, ctx: BlockContext) -> None:

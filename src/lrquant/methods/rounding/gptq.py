@@ -1,15 +1,11 @@
-"""Rounding stages: how a block's weights meet their grid once its transforms and clipping are learned
-and folded. Registered by ``rounding.kind``; every method calls the stage through
-:meth:`lrquant.methods.base.Method.round_weights` and then freezes the weights.
+"""The ``gptq`` rounding stage: GPTQ per linear (:mod:`lrquant.quant.gptq`), sequential inside the block.
 
-* ``rtn`` — nothing to do: freezing rounds to nearest.
-* ``gptq`` — GPTQ per linear (:mod:`lrquant.quant.gptq`), sequential inside the block: the attention
-  inputs (q, k, v), then o, then the MLP inputs, then the MLP output; each group's Hessian comes from the
-  block's *quantized* input stream run through the block with the earlier groups already on their grids
-  (activation quantizers on, so the Hessian sees what inference sees). The grid of each group of columns
-  is the quantizer's own (LWC-clipped min-max of the current weights; LRQuant+ vectors scale it).
-* ``learned`` — SignRound-style offsets, created by :func:`prepare_learned` before training and trained
-  with the block (lr group ``round``); freezing folds them into the integer codes.
+The attention inputs (q, k, v), then o, then the MLP inputs, then the MLP output; each group's Hessian
+comes from the block's *quantized* input stream run through the block with the earlier groups already on
+their grids (activation quantizers and online input transforms on, so the Hessian sees what inference
+sees; each forward stops once the group has its inputs). The grid of each group of columns is the
+quantizer's own (LWC-clipped min-max of the current, error-updated weights; channel scales such as
+LRQuant+'s vectors scale it), so GPTQ composes with every learned transform and clipping.
 """
 
 from __future__ import annotations
@@ -18,53 +14,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from ..config import RoundingArgs
-from ..errors import ConfigError
-from ..quant.gptq import HessianAccumulator, gptq_quantize
-from ..quant.primitives import minmax_qparams
-from ..quant.quantizers import QuantLinear, quant_linears
+from ...config import RoundingArgs
+from ...errors import ConfigError
+from ...quant.gptq import HessianAccumulator, gptq_quantize
+from ...quant.primitives import minmax_qparams
+from ...quant.quantizers import QuantLinear, quant_linears
+from . import register_rounding
 
 if TYPE_CHECKING:
-    from ..engine import BlockContext
-
-RoundingStage = Callable[["BlockContext", RoundingArgs], None]
-ROUNDINGS: dict[str, RoundingStage] = {}
-
-
-def register_rounding(kind: str) -> Callable[[RoundingStage], RoundingStage]:
-    """Decorator: make ``fn(ctx, args)`` the stage for ``rounding.kind == kind``."""
-
-    def deco(fn: RoundingStage) -> RoundingStage:
-        ROUNDINGS[kind] = fn
-        return fn
-
-    return deco
-
-
-def get_rounding(kind: str) -> RoundingStage:
-    if kind not in ROUNDINGS:
-        raise ConfigError(f"unknown rounding.kind {kind!r}; available: {', '.join(sorted(ROUNDINGS))}")
-    return ROUNDINGS[kind]
-
-
-@register_rounding("rtn")
-def round_to_nearest(ctx: BlockContext, args: RoundingArgs) -> None:
-    """Freezing rounds to nearest; nothing to do here."""
-
-
-@register_rounding("learned")
-def round_learned(ctx: BlockContext, args: RoundingArgs) -> None:
-    """The offsets were trained with the block; freezing folds them into the codes."""
-
-
-def prepare_learned(block: nn.Module) -> None:
-    """Give every unfrozen weight quantizer of ``block`` zero rounding offsets (trained as group ``round``)."""
-    for lin in quant_linears(block).values():
-        q = lin.weight_quantizer
-        if q is not None and not lin.weight_frozen and q.rounding_offset is None:
-            q.enable_learned_rounding(q.rows(lin.weight.detach()))
+    from ...engine import BlockContext
 
 
 def sequential_groups(ctx: BlockContext) -> list[tuple[str, ...]]:
