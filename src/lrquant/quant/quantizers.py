@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import QuantArgs
 from ..errors import ConfigError
+from .observers import MinMaxObserver
 from .primitives import as_rows, fake_quant, minmax_qparams, qparams_from_range
 
 
@@ -53,8 +54,8 @@ class UniformQuantizer(nn.Module):
         self.channel_scale: nn.Parameter | None = None
         self.register_buffer("scale", None, persistent=False)
         self.register_buffer("zero_point", None, persistent=False)
-        self.register_buffer("obs_min", None, persistent=False)
-        self.register_buffer("obs_max", None, persistent=False)
+        # observe mode: the running range of each quantization row (the rows are the observer's channels)
+        self.observer = MinMaxObserver()
 
     @property
     def mode(self) -> str:
@@ -124,12 +125,7 @@ class UniformQuantizer(nn.Module):
             return x
         rows = self.rows(x)
         if self.mode == "observe":
-            with torch.no_grad():
-                lo, hi = rows.amin(dim=-1, keepdim=True), rows.amax(dim=-1, keepdim=True)
-                if self.args.strategy == "tensor":
-                    lo, hi = lo.amin().reshape(1, 1), hi.amax().reshape(1, 1)
-                self.obs_min = lo if self.obs_min is None else torch.minimum(self.obs_min, lo)
-                self.obs_max = hi if self.obs_max is None else torch.maximum(self.obs_max, hi)
+            self.observer.update(rows.t())  # [C, R]: min/max of each row
             return x
         scale, zp = self.qparams(rows)
         offset = None if self.rounding_offset is None else self.rounding_offset.clamp(-0.5, 0.5)
@@ -143,12 +139,13 @@ class UniformQuantizer(nn.Module):
         """Fix the parameters: from ``x`` (e.g. the weight) or from the observed range."""
         if x is not None:
             scale, zp = self.qparams(self.rows(x))
-        elif self.obs_min is not None:
-            scale, zp = qparams_from_range(self.obs_min, self.obs_max, self.qmin, self.qmax, self.args.symmetric)
+        elif self.observer.min is not None:
+            scale, zp = qparams_from_range(self.observer.min[:, None], self.observer.max[:, None], self.qmin,
+                                           self.qmax, self.args.symmetric)
         else:
             raise ConfigError("static activation quantizer saw no calibration data before freeze()")
         self.scale, self.zero_point = scale.detach().clone(), zp.detach().round().clone()
-        self.obs_min = self.obs_max = None
+        self.observer = MinMaxObserver()
 
     def extra_repr(self) -> str:
         return f"{self.args.describe()}, mode={self.mode}, lwc={self.lwc}"
