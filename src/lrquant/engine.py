@@ -126,15 +126,17 @@ class BlockContext:
                 p.grad /= world
 
 
-def _to(obj: Any, device: torch.device) -> Any:
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor moved to ``device``, through nested tuples, lists and dicts (call arguments,
+    model inputs); anything else is returned as is."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(to_device(o, device) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [to_device(o, device) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     return obj
 
 
@@ -181,14 +183,14 @@ def capture_block_inputs(
         captured.append(hidden.detach().to("cpu"))
         if not kwargs_holder:
             kept = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
-            kwargs_holder.update(_to(kept, torch.device("cpu")))
+            kwargs_holder.update(to_device(kept, torch.device("cpu")))
         raise _Captured
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         items = list(batches) if isinstance(batches, list) else [batches[i : i + 1] for i in range(batches.shape[0])]
         for item in items:
-            inputs = _to(item, device) if isinstance(item, dict) else {input_name: item.to(device)}
+            inputs = to_device(item, device) if isinstance(item, dict) else {input_name: item.to(device)}
             try:
                 model(**inputs, use_cache=False) if "use_cache" in _forward_params(model) else model(**inputs)
             except _Captured:
@@ -225,12 +227,12 @@ def capture_calls(
             if not args:
                 kept.pop("hidden_states", None)
             cpu = torch.device("cpu")
-            calls[name] = (_to(tuple(args[1:]), cpu), _to(kept, cpu))
+            calls[name] = (to_device(tuple(args[1:]), cpu), to_device(kept, cpu))
         return hook
 
     param = next(model.parameters(), None)
     where = param.device if param is not None else torch.device("cpu")
-    inputs = _to(item, where) if isinstance(item, dict) else {input_name: item.to(where)}
+    inputs = to_device(item, where) if isinstance(item, dict) else {input_name: item.to(where)}
     handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n), with_kwargs=True) for n in names]
     try:
         model(**inputs, use_cache=False) if "use_cache" in _forward_params(model) else model(**inputs)
@@ -372,12 +374,12 @@ def quantize_blocks(
     keep_fp = method.needs_fp_stream
     if not keep_fp:
         fp_in = None
-    kwargs = _to(kwargs, device)
+    kwargs = to_device(kwargs, device)
     if mapping.stages is None:  # one block list: block 0's kwargs, captured once, serve every block
         calls = {name: ((), kwargs) for name, _ in slots}
     else:  # stages: per-block / per-transition call arguments from one full forward of the first sample
         first = calib[0] if isinstance(calib, list) else calib[:1]
-        calls = {name: (_to(a, device), _to(kw, device)) for name, (a, kw) in
+        calls = {name: (to_device(a, device), to_device(kw, device)) for name, (a, kw) in
                  capture_calls(model, mapping, first).items()}
 
     ckpt = Checkpointer(checkpoint_dir, recipe_fingerprint(recipe, model_name)) if checkpoint_dir else None

@@ -21,7 +21,7 @@ from torch import nn
 
 from .arch.base import get_mapping, set_submodule
 from .config import TrainArgs, TTAStep
-from .engine import BlockContext, BlockReport, block_seed, capture_block_inputs, run_stream
+from .engine import BlockContext, BlockReport, block_seed, capture_block_inputs, run_stream, to_device
 from .errors import ConfigError, DataError, UnsupportedArchitectureError
 
 
@@ -31,11 +31,6 @@ class TTAReport:
     blocks: list[int]
     init_loss: list[float] = field(default_factory=list)
     final_loss: list[float] = field(default_factory=list)
-
-
-def _moved(block: nn.Module, device: torch.device):
-    block.to(device)
-    return block
 
 
 def adapt(
@@ -78,12 +73,11 @@ def adapt(
     with torch.no_grad():
         fp_in, kwargs = capture_block_inputs(fp_model, mapping, windows, device)
         q_in, _ = capture_block_inputs(q_model, mapping, windows, device)
-        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else
-                  (tuple(t.to(device) for t in v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
+        kwargs = to_device(kwargs, device)
         fp_in, q_in = fp_in.to(device), q_in.to(device)
         for i in range(first):
-            fp_in = run_stream(_moved(fp_blocks[i], device), fp_in, kwargs, device)
-            q_in = run_stream(_moved(q_blocks[i], device), q_in, kwargs, device)
+            fp_in = run_stream(fp_blocks[i].to(device), fp_in, kwargs, device)
+            q_in = run_stream(q_blocks[i].to(device), q_in, kwargs, device)
             fp_blocks[i].to("cpu")
             q_blocks[i].to("cpu")
 
@@ -98,7 +92,7 @@ def adapt(
         for i in range(first, n):
             block = copy.deepcopy(state[i]["fp_block"]).to(device)
             with torch.no_grad():
-                fp_out = run_stream(_moved(fp_blocks[i], device), fp_in, kwargs, device)
+                fp_out = run_stream(fp_blocks[i].to(device), fp_in, kwargs, device)
             fp_blocks[i].to("cpu")
             ctx = BlockContext(
                 index=i, name=q_slots[i][0], block=block, mapping=mapping, config=q_model.config,
@@ -113,7 +107,7 @@ def adapt(
             report.init_loss.append(ctx.report.init_loss)
             report.final_loss.append(ctx.report.final_loss)
             with torch.no_grad():
-                q_in = run_stream(_moved(block, device), q_in, kwargs, device)
+                q_in = run_stream(block.to(device), q_in, kwargs, device)
             block.to("cpu")
             fp_in = fp_out
     finally:
