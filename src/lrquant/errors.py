@@ -15,7 +15,3 @@ class UnsupportedArchitectureError(LrquantError):
 
 class DataError(LrquantError):
     """Missing corpus files or too little calibration/evaluation text."""
-
-
-class NonFiniteLossError(LrquantError):
-    """Training produced NaN/Inf and every recovery attempt failed."""
