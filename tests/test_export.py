@@ -21,7 +21,7 @@ from lrquant.export.compressed import (
     recover_codes,
 )
 from lrquant.methods.rtn import quantize_weights_rtn
-from lrquant.quant.primitives import pack_int32, unpack_int32
+from lrquant.quant.primitives import pack_int32
 from lrquant.quant.quantizers import QuantLinear, quant_linears
 
 
@@ -58,23 +58,20 @@ WEIGHT_ONLY = {
 
 # ---- packing -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_pack_unpack_bit_exact(bits):
-    """Our pack_int32 / unpack_int32 and compressed-tensors' pack_to_int32 / unpack_from_int32 give back
-    every code; for bit widths dividing 32 both use the same layout (lowest bits first)."""
+def test_pack_layout_matches_compressed_tensors(bits):
+    """compressed-tensors' pack_to_int32 / unpack_from_int32 give back every code; for bit widths dividing
+    32 its words are ours (``pack_int32``: lowest bits first; our own round trip is in test_primitives)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
     g = torch.Generator().manual_seed(bits)
     for cols in (64, 100, 7):
         q = torch.randint(0, 2**bits, (13, cols), generator=g, dtype=torch.int32)
         q[0, 0], q[-1, -1] = 0, 2**bits - 1  # both ends of the grid
-        words = pack_int32(q, bits)
-        assert words.dtype == torch.int32 and words.shape[-1] == -(-cols // (32 // bits))
-        assert torch.equal(unpack_int32(words, bits, cols), q)
         signed = (q - 2 ** (bits - 1)).to(torch.int8)  # compressed-tensors' signed grid
         ct_words = pack_to_int32(signed, bits)
         assert torch.equal(unpack_from_int32(ct_words, bits, signed.shape), signed)
         if 32 % bits == 0:
-            assert torch.equal(ct_words, words)
+            assert torch.equal(ct_words, pack_int32(q, bits))
         zp = signed[:, :3].contiguous()  # zero points are packed along the output dim
         assert torch.equal(unpack_from_int32(pack_to_int32(zp, bits, packed_dim=0), bits, zp.shape, 0), zp)
 
