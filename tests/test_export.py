@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import has_default_model, tiny_llama
+from helpers import has_default_model, tiny_llama
 from torch import nn
 
 from lrquant.config import QuantArgs, Scheme

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import has_default_model, tiny_llama
+from helpers import has_default_model, tiny_llama
 from torch import nn
 
 from lrquant.config import CalibArgs, QuantArgs, Recipe, Scheme

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 from torch import nn
 
 from lrquant.config import QuantArgs, Scheme

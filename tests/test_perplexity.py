@@ -7,29 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_llama
 from torch import nn
 
 from lrquant.errors import ConfigError, DataError
 from lrquant.eval.perplexity import PerplexityResult, perplexity, window_loss
 
 VOCAB = 96
-
-
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg)
 
 
 class UniformLM(nn.Module):
@@ -59,7 +43,7 @@ def reference_ppl(model: nn.Module, tokens: torch.Tensor, seqlen: int, windows: 
 
 @pytest.fixture(scope="module")
 def model_and_tokens():
-    model = tiny_llama().eval()
+    model = tiny_llama(hidden=32, vocab=VOCAB, max_position_embeddings=64)
     tokens = torch.randint(0, VOCAB, (1, 5 * 32 + 7), generator=torch.Generator().manual_seed(1))
     return model, tokens
 

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import transformers
-from conftest import tiny_llama
+from helpers import tiny_llama
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -38,13 +38,7 @@ from lrquant.quant.quantizers import QuantLinear, quant_linears, quantization_di
 QMAX = 15  # 4-bit asymmetric grid [0, 15]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster and keeps the shared machine free."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rand_opt(seed: int = 0, outliers: bool = True, bias: bool = True) -> nn.Module:

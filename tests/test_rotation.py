@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import transformers
-from test_arch import CASES, _randomize
+from helpers import CASES, randomize, tiny_llama
 from torch import nn
 
 from lrquant.arch import get_mapping
@@ -33,12 +33,7 @@ VOCAB = 128
 IDS = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _llama(tied: bool = False, hidden: int = 64, inter: int = 128, heads: int = 4, kv: int = 2, bias: bool = False):
@@ -75,7 +70,7 @@ TIED = {"llama_tied", "qwen3_qknorm_tied", "smollm2_shaped"}
 
 def _model(name: str, seed: int = 1) -> nn.Module:
     torch.manual_seed(0)
-    return _randomize(MODELS[name](), seed=seed).double()
+    return randomize(MODELS[name](), seed=seed).double()
 
 
 def _logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
@@ -147,7 +142,7 @@ def test_saved_rotated_model_reloads_with_its_online_ops(tmp_path):
 @pytest.mark.parametrize("case", [c for c in CASES if c.family in ("llama", "qwen3", "gemma3")], ids=lambda c: c.name)
 def test_fuse_norms_is_exact(case):
     torch.manual_seed(0)
-    model = _randomize(case.build(), seed=1).double()
+    model = randomize(case.build(), seed=1).double()
     mapping = get_mapping(model)
     ref = _logits(model)
     fuse_norms(model, mapping)
@@ -240,8 +235,6 @@ def test_rotation_spreads_an_outlier_channel():
 def test_rotate_composes_with_methods_and_is_reported():
     """--rotate hadamard through the API: exact in FP, composes with a learned method, online ops listed."""
     import copy
-
-    from conftest import tiny_llama
 
     from lrquant import api
     from lrquant.config import CalibArgs, Recipe, RotationStep, Scheme, TrainArgs

