@@ -6,7 +6,9 @@ the same batch. A method's step is measured inside the real loop: the same block
 set-up (statistics, transforms, clip search, fold, rounding). Model: SmolLM2-135M (``--model``), block
 ``--block``, ``--batch`` samples of ``--seqlen`` tokens from the offline default corpus.
 
-    python bench/bench_step.py --recipes omniquant:W4A4,lrquant_plus:W4A4,omniquant:W3A16g64 --steps 8
+    python bench/bench_step.py --recipes omniquant:W4A4,omniquant:W4A4:amp,lrquant_plus:W3A16g64 --steps 8
+
+``:amp`` runs the training forward under bf16 autocast (option ``amp: true``).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def step_seconds(model: nn.Module, recipe: Recipe, calib: torch.Tensor, steps: i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
-    ap.add_argument("--recipes", default="omniquant:W4A4,lrquant_plus:W4A4,affinequant:W3A16g64")
+    ap.add_argument("--recipes", default="omniquant:W4A4,omniquant:W4A4:amp,lrquant_plus:W4A4,"
+                    "lrquant_plus:W4A4:amp,affinequant:W3A16g64,affinequant:W3A16g64:amp")
     ap.add_argument("--block", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -77,15 +80,15 @@ def main() -> None:
     print(f"{name}, block {args.block}, {args.batch} x {args.seqlen} tokens, {args.threads} threads")
     print("| recipe | step s | floor s (fp32 fwd+bwd) | ratio |\n|---|---:|---:|---:|")
     for item in args.recipes.split(","):
-        method, scheme = item.split(":")
+        method, scheme, *flags = item.split(":")
         w, a, g = SCHEMES[scheme]
         recipe = Recipe(method=method, scheme=Scheme.from_bits(w, a, g, kv_bits=16),
                         calib=CalibArgs(nsamples=args.batch, seqlen=args.seqlen),
-                        train=TrainArgs(batch_size=args.batch))
+                        train=TrainArgs(batch_size=args.batch), options={"amp": "amp" in flags})
         # the one-block model sees token ids; its block input is the embedding, not block --block's real
         # input, which does not change the cost of a step
         s = step_seconds(one, recipe, calib, args.steps)
-        print(f"| {method} {scheme} | {s:.3f} | {floor:.3f} | {s / floor:.2f}x |", flush=True)
+        print(f"| {item} | {s:.3f} | {floor:.3f} | {s / floor:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -93,9 +93,11 @@ def smooth_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float
 
 @dataclass
 class LearnedOptions:
-    """``amp``: bf16 autocast of the training forward on CUDA."""
+    """``amp``: bf16 autocast of the training forward (the targets, streams and the fold stay fp32):
+    ``None`` on CUDA only, ``true`` on any device (worth it on CPUs with bf16 units, e.g. avx512_bf16 or
+    AMX, where a bf16 matmul is several times faster), ``false`` never."""
 
-    amp: bool = True
+    amp: bool | None = None
 
 
 class LearnedMethod(Method):
@@ -168,7 +170,7 @@ class LearnedMethod(Method):
         return [{"params": ps, "lr": self.lr[name], "name": name} for name, ps in found.items() if ps]
 
     def block_loss(self, ctx: BlockContext, targets, idx: torch.Tensor) -> torch.Tensor:
-        amp = ctx.device.type == "cuda" and self.opts.amp
+        amp = self.opts.amp if self.opts.amp is not None else ctx.device.type == "cuda"
         with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=amp):
             out = ctx.forward(ctx.q_in[idx])
         terms = self.loss_terms()
