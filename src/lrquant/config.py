@@ -255,8 +255,9 @@ class TrainArgs:
     ``lr``: per parameter group (``lwc`` clip logits, ``let`` transforms, ``rot`` LRQuant+ vectors,
     ``round`` learned-rounding offsets, ``clip`` RepQuant clips); missing groups take the method's
     defaults. ``lr_schedule``: ``constant``, ``cosine`` or ``linear`` decay to 0 over the steps.
-    ``keep_best``: evaluate the full calibration loss at the end of every epoch (every
-    ``max(1, iters // 8)`` steps with ``iters``) and keep the best parameters seen.
+    ``keep_best``: keep the parameters at which a training batch had the lowest loss (auto-round's rule:
+    no extra forward), instead of the last ones; the block is then judged on the full calibration loss
+    against its initialisation as always.
     """
 
     epochs: int = 2

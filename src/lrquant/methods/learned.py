@@ -204,7 +204,7 @@ class LearnedMethod(Method):
         scale_lr = 1.0
         best: tuple[float, list[torch.Tensor]] | None = None
         for attempt in range(LR_RETRIES + 1):
-            ok, best = self._train(ctx, transforms, groups, params, targets, scale_lr, init)
+            ok, best = self._train(ctx, transforms, groups, params, targets, scale_lr)
             if ok:
                 break
             self._restore(params, initial, transforms)
@@ -213,7 +213,7 @@ class LearnedMethod(Method):
             msg += f", retrying with lr x{scale_lr:g}" if attempt < LR_RETRIES else " to its initialisation"
             log.warning(msg)
             ctx.report.notes.append(msg)
-        if best is not None:
+        if best is not None and best[1]:
             self._restore(params, best[1], ())
         final = self.eval_loss(ctx, targets)
         if not final <= init:
@@ -274,9 +274,10 @@ class LearnedMethod(Method):
             return 1.0 - step / total
         return 1.0
 
-    def _train(self, ctx, transforms, groups, params, targets, scale_lr: float, init: float):
+    def _train(self, ctx, transforms, groups, params, targets, scale_lr: float):
         """Returns ``(ok, best)``: ``ok`` False on a non-finite loss (the caller rolls back); ``best`` the
-        ``(loss, parameter values)`` of the best iterate when ``train.keep_best``, else ``None``."""
+        ``(batch loss, parameter values)`` of the iterate with the lowest training-batch loss when
+        ``train.keep_best`` (as auto-round keeps its best iterate: no extra forward), else ``None``."""
         total, check = self.steps(ctx)
         if not params or total == 0:
             return True, None
@@ -286,7 +287,7 @@ class LearnedMethod(Method):
                                 weight_decay=train.weight_decay)
         per_epoch = max(1, total if train.iters else total // max(train.epochs, 1))
         epochs = math.ceil(total / per_epoch)
-        best = (init, [p.detach().clone() for p in params]) if train.keep_best else None
+        best = (math.inf, []) if train.keep_best else None
         step, running, count = 0, 0.0, 0
         while step < total:
             epoch = step // per_epoch
@@ -298,6 +299,8 @@ class LearnedMethod(Method):
                 loss = self.block_loss(ctx, targets, idx)
                 if not torch.isfinite(loss):
                     return False, None
+                if best is not None and loss.item() < best[0]:  # the parameters this batch loss was measured at
+                    best = (loss.item(), [p.detach().clone() for p in params])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 ctx.all_reduce_grads(params)
@@ -312,8 +315,4 @@ class LearnedMethod(Method):
                     ctx.report.losses.append(running / max(count, 1))
                     ctx.on_progress(f"step {step}/{total} loss {running / max(count, 1):.4g}")
                     running, count = 0.0, 0
-                    if best is not None:
-                        current = self.eval_loss(ctx, targets)
-                        if current < best[0]:
-                            best = (current, [p.detach().clone() for p in params])
         return True, best
