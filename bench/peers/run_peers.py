@@ -47,6 +47,9 @@ SETTING_RE = re.compile(r"^W(\d)A(\d+)(?:g(\d+))?$")
 LOSS_CHUNK_ROWS = 512
 SQ_STRENGTH = 0.8
 SPIN_ROTATIONS = ("R1", "R2", "R4")
+# "hadamard" (Sylvester) needs power-of-two sizes; SmolLM2 has hidden 576 = 36 * 16 and MLP 1536 = 12 * 128,
+# which the randomized Hadamard (known Hadamard factors times a random +-1 diagonal) supports.
+SPIN_TYPE = "random-hadamard"
 
 
 def parse_setting(setting: str) -> tuple[int, int, int]:
@@ -166,7 +169,7 @@ def llmc_recipe(peer: str, wbits: int, abits: int, group: int) -> list:
     if peer == "spinquant-gptq":
         from llmcompressor.modifiers.transform.spinquant import SpinQuantModifier
 
-        return [SpinQuantModifier(rotations=list(SPIN_ROTATIONS), transform_type="hadamard"),
+        return [SpinQuantModifier(rotations=list(SPIN_ROTATIONS), transform_type=SPIN_TYPE),
                 GPTQModifier(config_groups=groups, ignore=ignore)]
     raise SystemExit(f"unknown llm-compressor peer {peer!r}")
 
