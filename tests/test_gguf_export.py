@@ -212,6 +212,7 @@ def test_cli_gguf_run_and_export(tmp_path, monkeypatch, capsys):
     assert res.results["export"]["format"] == "gguf" and path.is_file()
     reader, _ = read_gguf(path)
     assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"  # inferred: byte-level GPT-2 regex
     assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tok.eos_token_id
     loaded, loaded_tok, _ = load_model(str(path))
     text = "The quick brown fox jumps over the lazy dog: 1234 times!"

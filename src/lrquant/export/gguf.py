@@ -31,7 +31,8 @@ Tensor names and metadata follow llama.cpp's converter (``convert_hf_to_gguf.py`
 and Qwen2 (``Qwen2ForCausalLM``: architecture ``qwen2``, biases kept, no permutation); names come from the
 ``gguf`` package's own tensor map. Dense tensors: norms and biases in float32 (as llama.cpp keeps them),
 embeddings and unquantized linears (``lm_head``) in ``dtype``. A byte-level BPE tokenizer is written as
-llama.cpp's ``gpt2`` vocabulary (tokens, types, merges, special ids, chat template).
+llama.cpp's ``gpt2`` vocabulary (tokens, types, merges, special ids, chat template; the pre-tokenizer
+named ``gpt-2`` when it is GPT-2's byte-level regex, else as the caller names it, else llama.cpp's default).
 """
 
 from __future__ import annotations
@@ -197,15 +198,31 @@ def _write_hparams(writer, config, qtype: GGUFType) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _write_tokenizer(writer, tokenizer, vocab_size: int, pre: str) -> None:
+def infer_pre_tokenizer(state: dict) -> str | None:
+    """llama.cpp's pre-tokenizer name for a ``tokenizers`` pre-tokenizer it reproduces (``state``: the
+    tokenizer's JSON): GPT-2's byte-level regex alone is ``"gpt-2"``; None for anything else."""
+    pre = state.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    return None
+
+
+def _write_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
     """A byte-level BPE tokenizer as llama.cpp's ``gpt2`` vocabulary (ids past the tokenizer padded as
-    unused ``[PAD<i>]`` tokens, as the converter does)."""
+    unused ``[PAD<i>]`` tokens, as the converter does). ``pre``: llama.cpp's pre-tokenizer name; None infers
+    it (:func:`infer_pre_tokenizer`), falling back to ``"default"`` with a warning."""
     import gguf
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     state = json.loads(backend.to_str()) if backend is not None else {}
     if state.get("model", {}).get("type") != "BPE":
         raise ExportError("GGUF export writes byte-level BPE tokenizers only; pass tokenizer=None to leave it out")
+    if pre is None:
+        pre = infer_pre_tokenizer(state)
+        if pre is None:
+            warnings.warn("GGUF export: pre-tokenizer not recognized; llama.cpp will split text its default way "
+                          "(name it with tokenizer_pre=...)", stacklevel=3)
+            pre = "default"
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
     for tok, i in tokenizer.get_vocab().items():
@@ -248,16 +265,17 @@ def _atomic_file(target: Path) -> Iterator[Path]:
 
 def export_gguf(model: nn.Module, scheme: Scheme, out_path: str | Path, tokenizer=None,
                 dtype: torch.dtype | None = None, online_ops: list[str] | tuple[str, ...] = (),
-                tokenizer_pre: str = "default") -> Path:
+                tokenizer_pre: str | None = None) -> Path:
     """Write ``model`` (frozen QuantLinears following ``scheme``) as one GGUF file at ``out_path``.
 
     ``model``: a ``LlamaForCausalLM`` or ``Qwen2ForCausalLM`` whose decoder linears are frozen
     :class:`QuantLinear`\\ s; their weights are stored in the block type :func:`gguf_quant_type` picks,
     everything else dense (``dtype``: float16, or None for the model's float32; norms and biases always
     float32). ``tokenizer``: written as llama.cpp's ``gpt2`` vocabulary when given, with ``tokenizer_pre``
-    naming llama.cpp's pre-tokenizer. Refuses (:class:`ExportError`, one line) grids without an exact GGUF
-    type, other architectures, unfolded transforms and online ops. The file is written to a temporary
-    sibling and renamed into place. Returns ``out_path``.
+    naming llama.cpp's pre-tokenizer (None: inferred where llama.cpp has an exact equivalent). Refuses
+    (:class:`ExportError`, one line) grids without an exact GGUF type, other architectures, unfolded
+    transforms and online ops. The file is written to a temporary sibling and renamed into place. Returns
+    ``out_path``.
     """
     import gguf
 
