@@ -168,3 +168,15 @@ def test_an_unexpected_error_is_one_line_unless_debug(tmp_path, capsys, monkeypa
                    "for the traceback)")
     with pytest.raises(RuntimeError, match="nobody foresaw"):
         main(["--debug", "report", str(tmp_path), "--output", str(tmp_path / "r")])
+
+
+def test_python_dash_m_lrquant_is_the_console_script():
+    """``python -m lrquant`` (what torchrun launches) runs the same CLI: same help, same exit codes."""
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "lrquant", "quantize", "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "--recipe" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "lrquant", "quantize", "--wbits", "9", "--eval", "none"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
