@@ -154,6 +154,8 @@ CASES = [
                  marks=pytest.mark.skipif(CUDA, reason="CUDA present")),
     ("format-rotation", ["--format", "compressed-tensors", "--rotate", "hadamard"], None,
      "cannot carry the online Hadamard rotation"),
+    ("format-repquant-softmax", ["--format", "compressed-tensors", "--method", "repquant", "--abits", "8",
+                                 "--wbits", "8", "--group-size", "0"], None, "log2 softmax quantizer"),
     ("format-activation-only", ["--format", "compressed-tensors", "--wbits", "16", "--abits", "8"], None,
      "quantizes no weights"),
     ("vision-flag-on-a-text-job", ["--image-size", "224"], None, "--image-size: vision jobs only"),

@@ -491,3 +491,14 @@ def test_online_ops_and_compressed_export(tmp_path):
             m.input_quantizer.enabled = False
         no_act_quant = model(calib).logits
     assert ((no_act_quant - ref).norm() / ref.norm()).item() > 1e-2  # the activation quantizers matter
+
+
+def test_export_problem_is_known_before_any_work():
+    """What RepQuant leaves in the model decides, from the recipe alone, whether an export can hold it."""
+    assert RepQuant.export_problem(_recipe(abits=16)) is None
+    assert "softmax" in RepQuant.export_problem(_recipe())
+    static = Scheme(QuantArgs(8, False, "channel"), QuantArgs(8, False, "tensor"), None)
+    ok = Recipe(method="repquant", scheme=static, options={"softmax_bits": 16})
+    assert RepQuant.export_problem(ok) is None
+    dynamic = Recipe(method="repquant", scheme=Scheme.from_bits(8, 8, kv_bits=16), options={"softmax_bits": 16})
+    assert "static per-tensor" in RepQuant.export_problem(dynamic)

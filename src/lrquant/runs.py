@@ -395,6 +395,11 @@ def check_format(recipe: Recipe, export_format: str | None) -> None:
     if recipe.rotation is not None:
         raise ConfigError(f"--format {export_format} cannot carry the online Hadamard rotation of --rotate; "
                           "drop one of them")
+    from .methods import get_method
+
+    problem = get_method(recipe.method).export_problem(recipe)
+    if problem is not None:
+        raise ConfigError(f"--format {export_format}: {problem}")
     if export_format == "gguf":  # a grid GGUF has no type for
         from .export.gguf import gguf_quant_type
 

@@ -100,6 +100,12 @@ class Method:
     def finalize_model(self, model: nn.Module, mapping: ArchMapping) -> None:
         """Called once after the last block."""
 
+    @classmethod
+    def export_problem(cls, recipe: Recipe) -> str | None:
+        """Why a real low-bit checkpoint could not hold what this preset leaves in the model (checked
+        before any work when an export is asked for), or ``None``."""
+        return None
+
     @property
     def clip_params(self) -> bool:
         """Whether the weight quantizers carry clipping factors (learned, or searched once)."""

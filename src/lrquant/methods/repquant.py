@@ -50,6 +50,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..arch.base import ArchMapping, SmoothPair
+from ..config import QuantArgs
 from ..errors import ConfigError
 from ..quant.attention import AttentionQuantizer, enable_attention_quantization
 from ..quant.dualclip import ChannelDualClipQuantizer, fold_linear, fold_norm
@@ -190,6 +191,21 @@ class RepQuant(LearnedMethod):
     roundings: ClassVar[tuple[str, ...]] = ("rtn",)
     supports_tta: ClassVar[bool] = False  # its block step reparameterizes the block
     default_lr: ClassVar[dict[str, float]] = {**LearnedMethod.default_lr, "clip": 1e-1}
+
+    @classmethod
+    def export_problem(cls, recipe) -> str | None:
+        acts = recipe.scheme.input_activations
+        if acts is None:
+            return None
+        bits = recipe.options.get("softmax_bits") or acts.num_bits
+        if bits < 16:
+            return (f"RepQuant's {bits}-bit log2 softmax quantizer has no place in an exported checkpoint "
+                    "(--option softmax_bits=16 keeps the softmax in full precision)")
+        static = QuantArgs(acts.num_bits, symmetric=False, strategy="tensor", dynamic=False)
+        if acts != static:
+            return (f"RepQuant ends with static per-tensor inputs ({static.describe()}), which the scheme's "
+                    f"activations ({acts.describe()}) cannot declare in an exported checkpoint")
+        return None
 
     def __init__(self, recipe) -> None:
         super().__init__(recipe)
