@@ -433,7 +433,8 @@ def quantize_into(folder: RunFolder, model: nn.Module, recipe: Recipe, calib: An
                   model_id: str, device: str, progress: bool) -> Any:
     """Quantize with the folder's checkpoint (resumable: the fingerprint is the recipe, the model's content
     and the calibration tensors' digest) and record blocks, errors, online ops, rotation and the
-    calibration time (restored blocks counted with their recorded seconds). Returns the QuantizeResult."""
+    calibration time (restored blocks counted with their recorded seconds; ``calib_cpu_s``: the process's
+    CPU seconds of this invocation only). Returns the QuantizeResult."""
     from .api import quantize
     from .engine import layer_errors
     from .identity import tensor_digest
@@ -441,11 +442,13 @@ def quantize_into(folder: RunFolder, model: nn.Module, recipe: Recipe, calib: An
     restored = folder.begin(recipe, model_id)
     log.info("model %s, method %s, scheme %s%s", results["model"], recipe.method, recipe.scheme.name(),
              f", resuming after {restored} blocks" if restored else "")
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     qr = quantize(model, recipe, calib, device=device, checkpoint_dir=folder.path / CHECKPOINT,
                   resume=folder.resume, progress=progress, model_name=f"{model_id}|calib:{tensor_digest(calib)}")
     results["blocks"] = [asdict(r) for r in qr.reports]
     results["calib_time_s"] = round(time.time() - t0 + sum(b["seconds"] for b in results["blocks"][:restored]), 2)
+    # CPU seconds of this process (all its threads): less sensitive than wall time to a loaded machine
+    results["calib_cpu_s"] = round(time.process_time() - c0, 2)
     if restored:
         results["resumed_blocks"] = restored
     results["layer_errors"] = layer_errors(model)
