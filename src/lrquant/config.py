@@ -310,8 +310,9 @@ class RoundingArgs:
     ``rtn``: round to nearest. ``gptq``: GPTQ per linear, sequential inside the block (attention inputs,
     then o, then MLP inputs, then down, each seeing the already-quantized earlier layers), Hessian from
     the block's quantized input stream; ``damp`` (fraction of the mean diagonal), ``block_size``
-    (columns per lazy update), ``act_order`` (columns by decreasing Hessian diagonal; grid parameters
-    fixed per group from the clipped weight before the pass). ``learned``: SignRound-style offsets in
+    (columns per lazy update), ``act_order`` (default on; columns by decreasing Hessian diagonal, grid
+    parameters fixed per group from the clipped weight before the pass: SmolLM2 W3A16g64, first 8
+    windows, 49.6 without it, 35.0 with it). ``learned``: SignRound-style offsets in
     ``[-0.5, 0.5]`` per weight added before rounding, trained with the block (lr group ``round``) and
     folded into the integer codes.
     """
@@ -319,7 +320,7 @@ class RoundingArgs:
     kind: str = "rtn"
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
+    act_order: bool = True
 
     def __post_init__(self) -> None:
         check_range(self.damp, 0.0, 1.0, "rounding.damp")
