@@ -9,7 +9,7 @@ from helpers import has_default_model, tiny_llama
 from torch import nn
 
 from lrquant.config import CalibArgs, QuantArgs, Recipe, Scheme
-from lrquant.export.compressed import ONLINE_ATTR, ExportError, recover_codes
+from lrquant.export.compressed import ExportError, recover_codes
 from lrquant.export.gguf import (
     FP16_SUBNORMAL_HALF_STEP,
     FP16_UNIT_ROUNDOFF,
@@ -173,10 +173,12 @@ def test_qwen2_keeps_biases_and_rotary_order(tmp_path):
 def test_refusals(tmp_path):
     scheme = Scheme(QuantArgs(4, False, "group", 32))
     model = quantize_weights_rtn(tiny_llama(), scheme)
-    setattr(model.model.layers[1].mlp, ONLINE_ATTR, "online Hadamard rotation")
-    with pytest.raises(ExportError, match="online Hadamard rotation"):
+    from lrquant.quant.hadamard import OnlineHadamard
+
+    model.model.layers[1].mlp.down_proj.input_transform = OnlineHadamard(model.config.intermediate_size)
+    with pytest.raises(ExportError, match="down_proj \\(online input transform OnlineHadamard\\)"):
         export_gguf(model, scheme, tmp_path / "x.gguf")
-    delattr(model.model.layers[1].mlp, ONLINE_ATTR)
+    model.model.layers[1].mlp.down_proj.input_transform = None
     with pytest.raises(ExportError, match="cannot be written to GGUF exactly"):
         export_gguf(model, Scheme(QuantArgs(3, False, "group", 32)), tmp_path / "x.gguf")
     with pytest.raises(ExportError, match="scheme says"):  # the model's grid is not the scheme's

@@ -31,8 +31,8 @@ Asymmetric ``pack-quantized`` zero points come in two layouts (:data:`LAYOUTS`; 
 
 Not representable, hence refused or dropped with a warning:
 
-* unfolded transforms (tensors still parametrized, a QuantLinear ``input_transform``, a module flagged
-  through :data:`ONLINE_ATTR`, or ``online_ops`` declared by the method): refused — fold them first;
+* unfolded transforms (tensors still parametrized), online ops (a QuantLinear ``input_transform``, or
+  ``online_ops`` declared by the method): refused — fold them first;
 * per-token dynamic KV-cache quantization: compressed-tensors' KV schemes reduce over the sequence, so
   the export omits it (warning) and loaders run the KV cache in full precision.
 """
@@ -52,12 +52,6 @@ from ..errors import ConfigError, LrquantError
 from ..io import atomic_dir
 from ..quant.primitives import as_rows, signed_offset
 from ..quant.quantizers import QuantLinear
-
-# A module whose ``getattr(module, ONLINE_ATTR, None)`` is truthy runs an operation at inference time that
-# the exported checkpoint cannot express (an online rotation, a runtime smoothing divide...). Transforms
-# that cannot be folded set it (to a short description) so that export refuses instead of silently
-# writing a model that computes something else.
-ONLINE_ATTR = "lrquant_online_op"
 
 # Maximum distance of ``weight / scale + zero_point`` from an integer for the codes to count as exact.
 INTEGRAL_TOL = 1e-3
@@ -114,8 +108,9 @@ def ct_config(scheme: Scheme, ignore: list[str]):
 # ---- checks --------------------------------------------------------------------------------------------
 def unfolded_transforms(model: nn.Module) -> list[str]:
     """What the checkpoint cannot express, one ``"<module> (<why>)"`` each: tensors still parametrized by a
-    transform (not folded), an online ``input_transform`` on a QuantLinear, or a module flagged through
-    :data:`ONLINE_ATTR`."""
+    transform (not folded), or an online ``input_transform`` on a QuantLinear (the one kind of module an
+    lrquant model keeps in its inference graph; what a method leaves that no module shows, it declares in
+    ``online_ops``)."""
     bad = []
     for name, module in model.named_modules():
         where = name or "<root>"
@@ -123,8 +118,6 @@ def unfolded_transforms(model: nn.Module) -> list[str]:
             bad.append(f"{where} (parametrized {', '.join(module.parametrizations)}: transform not folded)")
         if getattr(module, "input_transform", None) is not None:
             bad.append(f"{where} (online input transform {type(module.input_transform).__name__})")
-        if getattr(module, ONLINE_ATTR, None):
-            bad.append(f"{where} ({getattr(module, ONLINE_ATTR)})")
     return bad
 
 
