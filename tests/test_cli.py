@@ -150,9 +150,9 @@ def test_a_corpus_name_is_text_even_beside_a_folder_of_that_name(tmp_path, monke
     Image.new("RGB", (8, 8)).save(tmp_path / "ptb" / "a.png")
     monkeypatch.chdir(tmp_path)
     args = make_parser().parse_args(["quantize", "--calib", "ptb"])
-    assert not _vision_job(args, _recipe_from(["--calib", "ptb"]))
+    assert not _vision_job(args, "ptb")
     args = make_parser().parse_args(["quantize", "--calib", "./ptb"])
-    assert _vision_job(args, _recipe_from(["--calib", "./ptb"]))
+    assert _vision_job(args, "./ptb")
 
 
 def test_an_unexpected_error_is_one_line_unless_debug(tmp_path, capsys, monkeypatch):

@@ -169,9 +169,10 @@ def _print_summary(results: dict, out: Path) -> None:
     print(f"run folder: {out}  (results.json, recipe.yaml, run.log, model/)")
 
 
-def _vision_job(args: argparse.Namespace, recipe: Recipe) -> bool:
-    """A vision job: a vision evaluation, a timm model, or an image folder as calibration data. A corpus
-    name is always text (even beside a folder of that name); a folder without images is refused."""
+def _vision_job(args: argparse.Namespace, calib: str) -> bool:
+    """A vision job: a vision evaluation, a timm model, or an image folder as calibration data (``calib``:
+    the dataset the job calibrates on). A corpus name is always text (even beside a folder of that name);
+    a folder without images is refused."""
     from .data.images import IMAGE_SUFFIXES
     from .data.text import CORPORA
     from .models import TIMM_PREFIX
@@ -179,7 +180,6 @@ def _vision_job(args: argparse.Namespace, recipe: Recipe) -> bool:
 
     if any(e in VISION_EVALS for e in (args.eval or "").split(",")) or args.model.startswith(TIMM_PREFIX):
         return True
-    calib = recipe.calib.dataset
     if calib in CORPORA or not Path(calib).is_dir():
         return False
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in Path(calib).rglob("*")):
@@ -192,13 +192,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .api import run
     from .runs import run_vision
 
-    recipe = build_recipe(args)
-    out = Path(args.output or f"runs/{recipe.method}-{recipe.scheme.name()}")
-    if _vision_job(args, recipe):
+    # the vision-only refusals come first: a flag no vision job honours is named as such, not as a recipe
+    # problem it would also cause (e.g. --tta with the default method)
+    calib = args.calib or (_load_recipe(args.recipe).calib.dataset if args.recipe else CalibArgs().dataset)
+    vision = _vision_job(args, calib)
+    if vision:
         refused = [flag for flag, given in (("--tta", args.tta), ("--tasks", args.tasks),
                                             (f"--format {args.format}", args.format != "fake")) if given]
         if refused:
             raise ConfigError(f"{', '.join(refused)}: not available for vision jobs (causal language models only)")
+    recipe = build_recipe(args)
+    out = Path(args.output or f"runs/{recipe.method}-{recipe.scheme.name()}")
+    if vision:
         evals = [e for e in (args.eval or "retrieval").split(",") if e and e != "none"]
         res = run_vision(args.model, recipe, out, evals=evals, eval_images=args.eval_images,
                          eval_limit=args.eval_limit, image_size=args.image_size, device=args.device,
