@@ -12,7 +12,9 @@ its weights and activations become easier to quantize.
   chain in registration order, input-side before output-side, which is the mapping's pair order.
 * **Fold** (:func:`fold_block`): every parametrized tensor is recomputed from its original value in
   float64 through the same chain, the parametrizations are removed and the result is written back in the
-  tensor's dtype. After the fold the block is an ordinary block again.
+  tensor's dtype; every learned online op (:class:`OnlineOp`, e.g. the Kronecker transforms of
+  :mod:`lrquant.transforms.kron`) freezes its factors. After the fold the block is an ordinary block
+  again, plus its online ops.
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ def original(module: nn.Module, tensor_name: str) -> torch.Tensor:
     return getattr(module, tensor_name)
 
 
+class OnlineOp(nn.Module):
+    """An op left in the inference graph on a linear's input (``QuantLinear.input_transform``) whose
+    values a transform learns while the block trains; :meth:`fold_live` fixes them."""
+
+    def fold_live(self) -> None:
+        """Store the learned values (computed in float64) in the op's own tensors and stop following the
+        transform's parameters."""
+        raise NotImplementedError
+
+
 class Transform(nn.Module):
     """Base class. Subclasses own learnable parameters and implement :meth:`attach`."""
 
@@ -62,8 +74,8 @@ class Transform(nn.Module):
         raise NotImplementedError
 
     def learnable(self) -> dict[str, list[nn.Parameter]]:
-        """The parameter groups this transform trains (every transform folds completely: none stays
-        in the inference graph)."""
+        """The parameter groups this transform trains (``let``: diagonal and per-head transforms, which
+        fold completely; ``kron``: the online Kronecker transforms)."""
         return {"let": list(self.parameters())}
 
     def set_epoch(self, epoch: int, epochs: int) -> None:
@@ -72,7 +84,8 @@ class Transform(nn.Module):
 
 @torch.no_grad()
 def fold_block(block: nn.Module) -> None:
-    """Fold every parametrization of ``block`` into its tensors, computed in float64."""
+    """Fold every parametrization of ``block`` into its tensors, computed in float64, and freeze every
+    learned :class:`OnlineOp`."""
     folded: list[tuple[nn.Module, str, torch.Tensor]] = []
     for module in block.modules():
         if not parametrize.is_parametrized(module):
@@ -87,6 +100,9 @@ def fold_block(block: nn.Module) -> None:
             parametrize.remove_parametrizations(module, name, leave_parametrized=False)
     for module, name, value in folded:
         getattr(module, name).data.copy_(value)
+    for module in block.modules():
+        if isinstance(module, OnlineOp):
+            module.fold_live()
 
 
 def ensure_bias(linear: nn.Linear) -> bool:

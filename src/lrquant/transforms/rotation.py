@@ -250,7 +250,8 @@ def attach_online(model: nn.Module, specs: dict[str, dict[str, int | str]]) -> N
     """Re-create the online rotations :func:`online_specs` listed, e.g. on a rotated checkpoint reloaded
     with ``from_pretrained``: its weights are rotated but the ops (non-persistent) are not in it."""
     for path, spec in specs.items():
-        linear_path = path.removesuffix(".input_transform")
+        # a fixed op wrapped by a learned online op (OnlineKron.inner) is rebuilt at the linear
+        linear_path = path.removesuffix(".inner").removesuffix(".input_transform")
         linear = model.get_submodule(linear_path)
         if not isinstance(linear, nn.Linear) or getattr(linear, "input_transform", None) is not None:
             raise ConfigError(f"{linear_path}: expected a plain linear without an online op to attach to")
@@ -263,6 +264,11 @@ def attach_online(model: nn.Module, specs: dict[str, dict[str, int | str]]) -> N
 
 def pairs_without_online_inputs(pairs: Iterable[SmoothPair], block: nn.Module) -> tuple[SmoothPair, ...]:
     """The pairs a diagonal transform can still fold into after rotation: those whose consumers have no
-    online ``input_transform`` (a per-channel scale does not commute with the online rotation)."""
-    return tuple(p for p in pairs
-                 if all(getattr(block.get_submodule(n), "input_transform", None) is None for n in p.nexts))
+    fixed online ``input_transform`` (a per-channel scale does not commute with the online rotation; a
+    learned op that declares ``commutes_with_scales`` takes the scales into its own fold)."""
+
+    def free(name: str) -> bool:
+        op = getattr(block.get_submodule(name), "input_transform", None)
+        return op is None or bool(getattr(op, "commutes_with_scales", False))
+
+    return tuple(p for p in pairs if all(free(n) for n in p.nexts))
