@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from .config import Recipe
-from .engine import BlockReport, EngineResult, quantize_blocks
+from .engine import BlockReport, BlockSource, EngineResult, quantize_blocks
 from .errors import ConfigError, LrquantError
 from .methods import get_method
 from .models import load_model
+from .streams import StreamStore
 
 log = logging.getLogger("lrquant")
 
@@ -91,12 +92,18 @@ def quantize(
     progress: bool = True,
     data_dir: str | None = None,
     model_name: str = "",
+    store: StreamStore | None = None,
+    source: BlockSource | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` in place.
 
     ``calib``: ``[N, L]`` token ids, a list of model-input dicts, or ``None`` to draw ``recipe.calib``
     from its corpus with ``tokenizer``. ``model_name``: what identifies the model (and data) in the
-    checkpoint fingerprint; the run layer passes content digests.
+    checkpoint fingerprint; the run layer passes content digests. ``store``: where the calibration
+    streams live (:class:`lrquant.streams.StreamStore`: dtype, RAM budget, memory-mapped files; default
+    fp32 in RAM). ``source``: for a model loaded as a skeleton, what materialises each block
+    (:class:`lrquant.streaming.SafetensorsSource`). Under an initialised ``torch.distributed`` process
+    group the blocks train data-parallel (:mod:`lrquant.distributed`).
     """
     method = get_method(recipe.method)(recipe)
     validate_scheme(model, recipe)
@@ -108,7 +115,7 @@ def quantize(
     result: EngineResult = quantize_blocks(
         model, method, recipe, calib, device=device,
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None, resume=resume,
-        model_name=model_name, progress=progress,
+        model_name=model_name, progress=progress, store=store, source=source,
     )
     online = rotation_ops + list(getattr(method, "online_ops", []))
     return QuantizeResult(model, result.reports, result.seconds, online, method)

@@ -21,11 +21,14 @@ transitions) in exactly the same order as the uninterrupted run, so a resumed ru
 weights. Every random choice inside a block uses a generator seeded from (seed, block index), so the
 result does not depend on where a run was interrupted.
 
-Data parallel (later): a method's training step averages gradients with ``ctx.all_reduce_grads`` when
-``torch.distributed`` is initialised and shards samples by rank; the engine is otherwise unchanged.
-Larger-than-RAM models: blocks are only touched through ``mapping.block_list`` one at a time, so a loader
-that materialises block i from safetensors shards can sit behind the same loop (staged mappings would
-also need the one full forward that captures their call arguments).
+Data parallel (:mod:`lrquant.distributed`, under torchrun): every rank holds the whole streams; each
+global batch of ``train.batch_size`` samples is split across the ranks (:meth:`BlockContext.batches`),
+gradients are averaged (``ctx.all_reduce_grads``), stream forwards are computed on a shard per rank and
+gathered (:func:`forward_stream`), statistics are reduced where they are collected, and only rank 0 writes
+the checkpoint. Streams are allocated by a :class:`~lrquant.streams.StreamStore` (dtype, RAM budget,
+memory-mapped files beyond it). Larger-than-RAM models: a :class:`BlockSource` materialises each block
+(e.g. from safetensors shards, :mod:`lrquant.streaming`) only when the loop reaches it and takes it back
+when it is finished.
 """
 
 from __future__ import annotations
@@ -37,19 +40,20 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as ddp
 from .arch.base import ArchMapping, get_mapping
 from .config import Recipe
 from .errors import LrquantError
 from .io import atomic_save_tensors, atomic_write_json
 from .quant.quantizers import quant_linears
+from .streams import StreamStore
 
 log = logging.getLogger("lrquant")
 
@@ -100,30 +104,32 @@ class BlockContext:
     on_progress: Callable[[str], None] = lambda _msg: None
     block_list: Sequence[nn.Module] | None = None
     args: tuple = ()
+    store: StreamStore | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the block on ``x: [B, L, H]`` (moved to the compute device) -> ``[B, L, H]``."""
         return run_block(self.block, x.to(self.device), self.kwargs, self.args)
 
     def batches(self, batch_size: int, shuffle: bool = True) -> Iterator[torch.Tensor]:
-        """Sample indices ``[B]`` over ``N`` (this rank's shard under torch.distributed)."""
+        """Sample indices ``[B]`` over ``N``: global batches of ``batch_size`` samples (at least one per
+        rank), of which this rank gets every ``world``-th (the whole batch in one process). File-backed
+        streams give back their resident pages after each batch."""
         n = self.q_in.shape[0]
         order = torch.randperm(n, generator=self.generator) if shuffle else torch.arange(n)
-        if dist.is_available() and dist.is_initialized():
-            order = order[dist.get_rank() :: dist.get_world_size()]
-        for i in range(0, len(order), batch_size):
-            yield order[i : i + batch_size]
+        w, r = ddp.world(), ddp.rank()
+        for i in range(0, n, max(batch_size, w)):
+            yield order[i : i + max(batch_size, w)][r::w]
+            if self.store is not None:
+                self.store.release(self.fp_in, self.q_in, self.fp_out)
 
     @staticmethod
     def all_reduce_grads(params: list[torch.Tensor]) -> None:
         """Average gradients across ranks (no-op without torch.distributed)."""
-        if not (dist.is_available() and dist.is_initialized()):
+        if not ddp.active():
             return
-        world = dist.get_world_size()
         for p in params:
             if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= world
+                ddp.all_reduce_(p.grad, "mean")
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -142,53 +148,84 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], args: tuple = ()) -> torch.Tensor:
     """One forward ``block(x, *args, **kwargs)``: ``x [B, L, H] -> [B, L', H']`` (tuple outputs reduced to
-    the hidden states; ``L' = L, H' = H`` for a block, not for a stage transition)."""
-    out = block(x, *args, **kwargs)
+    the hidden states; ``L' = L, H' = H`` for a block, not for a stage transition). ``x`` is cast to the
+    block's floating dtype (streams may be kept in a narrower one)."""
+    dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), x.dtype)
+    out = block(x.to(dtype), *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @torch.no_grad()
 def run_stream(block: nn.Module, stream: torch.Tensor, kwargs: dict[str, Any], device: torch.device,
-               batch_size: int = 1, args: tuple = ()) -> torch.Tensor:
+               batch_size: int = 1, args: tuple = (), store: StreamStore | None = None) -> torch.Tensor:
     """Apply ``block`` to every sample of ``stream [N, L, H]`` -> ``[N, L', H']`` in ``stream``'s dtype; the
-    output stays where the input was (a stage transition may change ``L`` and ``H``)."""
+    output stays where the input was (a stage transition may change ``L`` and ``H``), allocated by
+    ``store`` when given (which then also releases file-backed pages as it goes)."""
     out: torch.Tensor | None = None
     for i in range(0, stream.shape[0], batch_size):
         y = run_block(block, stream[i : i + batch_size].to(device), kwargs, args).to(stream.device)
         if out is None:
-            out = stream.new_empty((stream.shape[0], *y.shape[1:]))
+            shape = (stream.shape[0], *y.shape[1:])
+            out = store.empty(shape, like=stream) if store is not None else stream.new_empty(shape)
         out[i : i + batch_size] = y
+        if store is not None:
+            store.release(stream, out)
     return out if out is not None else torch.empty_like(stream)
+
+
+@torch.no_grad()
+def forward_stream(block: nn.Module, stream: torch.Tensor, kwargs: dict[str, Any], device: torch.device,
+                   store: StreamStore, args: tuple = ()) -> torch.Tensor:
+    """:func:`run_stream` under data parallel: each rank runs its shard of ``stream [N, L, H]`` and the
+    outputs are gathered, so every rank holds the whole ``[N, L', H']`` (allocated by ``store``)."""
+    if not ddp.active():
+        return run_stream(block, stream, kwargs, device, args=args, store=store)
+    part = run_stream(block, stream[ddp.shard(stream.shape[0])], kwargs, device, args=args)
+    out = store.empty((stream.shape[0], *part.shape[1:]), like=stream)
+    ddp.gather_into(out, part)
+    store.release(out)
+    return out
 
 
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, mapping: ArchMapping, batches: torch.Tensor | list[dict[str, torch.Tensor]],
-    device: torch.device, input_name: str = "input_ids",
+    device: torch.device, input_name: str = "input_ids", store: StreamStore | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Run the model up to block 0 for every sample and keep block 0's inputs.
 
     ``batches``: ``[N, L]`` token ids (or a list of model-input dicts, e.g. pixel values) ->
-    ``(hidden [N, L, H] on CPU, kwargs)``. The kwargs of the first sample are kept (same length for
-    all samples, so they are identical); caches are dropped.
+    ``(hidden [N, L, H] on CPU, kwargs)``, allocated by ``store`` when given (written sample by sample,
+    never held twice). The kwargs of the first sample are kept (same length for all samples, so they
+    are identical); caches are dropped.
     """
     first_block = mapping.block_list(model)[0][1]
     for path in mapping.pre_blocks:
         model.get_submodule(path).to(device)
     captured: list[torch.Tensor] = []
+    filled = [0]
     kwargs_holder: dict[str, Any] = {}
+    items = list(batches) if isinstance(batches, list) else [batches[i : i + 1] for i in range(batches.shape[0])]
+    direct = None if isinstance(batches, list) else store  # one sample per item: write into the stream
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(hidden.detach().to("cpu"))
+        if direct is not None:
+            if not captured:
+                captured.append(direct.empty((len(items), *hidden.shape[1:])))
+            captured[0][filled[0] : filled[0] + hidden.shape[0]] = hidden.detach().to("cpu")
+            filled[0] += hidden.shape[0]
+            direct.release(captured[0])
+        else:
+            captured.append(hidden.detach().to("cpu"))
         if not kwargs_holder:
             kept = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
+            kept.update(named_positional(_module, args[1:]))
             kwargs_holder.update(to_device(kept, torch.device("cpu")))
         raise _Captured
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        items = list(batches) if isinstance(batches, list) else [batches[i : i + 1] for i in range(batches.shape[0])]
         for item in items:
             inputs = to_device(item, device) if isinstance(item, dict) else {input_name: item.to(device)}
             try:
@@ -201,10 +238,22 @@ def capture_block_inputs(
             model.get_submodule(path).to("cpu")
     if not captured:
         raise LrquantError("block 0 was never reached while capturing calibration inputs")
-    return torch.cat(captured, dim=0), kwargs_holder
+    if direct is not None:
+        return captured[0], kwargs_holder
+    hidden = torch.cat(captured, dim=0)
+    return (store.like(hidden) if store is not None else hidden), kwargs_holder
 
 
-_DROPPED_KWARGS = ("past_key_values", "past_key_value", "use_cache")
+_DROPPED_KWARGS = ("past_key_values", "past_key_value", "cache", "use_cache")
+
+
+def named_positional(block: nn.Module, args: tuple) -> dict[str, Any]:
+    """Positional arguments after the hidden states, by the names of ``block.forward``'s parameters (CLIP's
+    encoder passes its attention mask positionally), so that captured calls replay as keyword arguments."""
+    import inspect
+
+    names = list(inspect.signature(block.forward).parameters)[1:]
+    return dict(zip(names, args, strict=False))
 
 
 @torch.no_grad()
@@ -342,6 +391,19 @@ def block_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index * 7_919 + 17) % (2**63 - 1)
 
 
+class BlockSource(Protocol):
+    """Where a model's tensors come from when they are not all in memory (:mod:`lrquant.streaming`)."""
+
+    def load(self, model: nn.Module, prefixes: Sequence[str]) -> None:
+        """Materialise the tensors under ``prefixes`` (dotted module names of ``model``) on the CPU."""
+
+    def done(self, model: nn.Module, index: int, name: str, block: nn.Module) -> None:
+        """Block ``index`` (``name``) is finished and quantized: write it out and drop its tensors."""
+
+    def drop(self, model: nn.Module, prefixes: Sequence[str]) -> None:
+        """The tensors under ``prefixes`` are no longer needed."""
+
+
 def quantize_blocks(
     model: nn.Module,
     method: Any,
@@ -353,26 +415,39 @@ def quantize_blocks(
     resume: bool = False,
     model_name: str = "",
     progress: bool = True,
+    store: StreamStore | None = None,
+    source: BlockSource | None = None,
 ) -> EngineResult:
     """Quantize ``model`` in place, block by block, with ``method`` (see module docstring).
 
-    ``calib``: ``[N, L]`` token ids or a list of model-input dicts. Returns the per-block reports.
+    ``calib``: ``[N, L]`` token ids or a list of model-input dicts. ``store``: where the streams live
+    (default: fp32 in RAM). ``source``: materialises blocks on demand (a model loaded as a skeleton).
+    Returns the per-block reports.
     """
     device = torch.device(device)
     t0 = time.time()
+    store = store if store is not None else StreamStore()
     mapping = get_mapping(model)
     slots = mapping.block_list(model)
     blocks = [block for _, block in slots]
     transitions = mapping.transitions(model)
+    n_samples = calib.shape[0] if isinstance(calib, torch.Tensor) else len(calib)
+    ddp.check_split(n_samples, recipe.train.batch_size)
+    if source is not None:
+        source.load(model, mapping.pre_blocks)
     method.prepare_model(model, mapping, calib)
-    fp_in, kwargs = capture_block_inputs(model, mapping, calib, device)
-    on_device = fp_in.numel() * fp_in.element_size() * 3 <= STREAM_DEVICE_LIMIT_BYTES
-    stream_device = device if on_device else torch.device("cpu")
-    fp_in = fp_in.to(stream_device)
-    q_in = fp_in.clone()
+    fp_in, kwargs = capture_block_inputs(model, mapping, calib, device, store=store)
+    if source is not None:
+        source.drop(model, mapping.pre_blocks)
+    item = torch.empty((), dtype=store.dtype).element_size()
+    on_device = device.type != "cpu" and fp_in.numel() * item * 3 <= STREAM_DEVICE_LIMIT_BYTES
+    if on_device:
+        fp_in = _swap(store, fp_in, fp_in.to(device))
+    q_in = store.like(fp_in)
     # a method that needs no full-precision targets or statistics (RTN, GPTQ) runs the quantized stream only
     keep_fp = method.needs_fp_stream
     if not keep_fp:
+        store.free(fp_in)
         fp_in = None
     kwargs = to_device(kwargs, device)
     if mapping.stages is None:  # one block list: block 0's kwargs, captured once, serve every block
@@ -392,18 +467,21 @@ def quantize_blocks(
         if completed >= 0:
             log.info("resuming after block %d of %d", completed, len(blocks))
 
-    bar = tqdm(total=len(blocks), desc="blocks", unit="block", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(blocks), desc="blocks", unit="block", disable=not progress or not ddp.is_main(),
+               dynamic_ncols=True)
     for index, (name, block) in enumerate(slots):
         args, kwargs = calls[name]
+        if source is not None:
+            source.load(model, [name])
         block.to(device)
-        fp_out = run_stream(block, fp_in, kwargs, device, args=args) if keep_fp else None
+        fp_out = forward_stream(block, fp_in, kwargs, device, store, args=args) if keep_fp else None
         ctx = BlockContext(
             index=index, name=name, block=block, mapping=mapping, config=model.config,
             recipe=recipe, fp_in=fp_in, q_in=q_in, fp_out=fp_out, kwargs=kwargs, device=device,
             generator=torch.Generator().manual_seed(block_seed(recipe.train.seed, index)),
             report=BlockReport(block=index),
             on_progress=lambda msg, i=index: bar.set_postfix_str(f"block {i}: {msg}", refresh=True),
-            block_list=blocks, args=args,
+            block_list=blocks, args=args, store=store,
         )
         method.prepare_block(ctx)
         if index <= completed:
@@ -414,40 +492,67 @@ def quantize_blocks(
             tb = time.time()
             method.quantize_block(ctx)
             ctx.report.seconds = round(time.time() - tb, 3)
-        q_out = run_stream(block, q_in, kwargs, device, args=args)
+        store.release(fp_in, q_in, fp_out)
+        q_out = forward_stream(block, q_in, kwargs, device, store, args=args)
         if index > completed:
             if fp_out is not None:
-                ctx.report.out_rel_err = float((q_out - fp_out).pow(2).sum() / fp_out.pow(2).sum().clamp_min(1e-20))
+                ctx.report.out_rel_err = relative_error(q_out, fp_out, store)
             reports.append(ctx.report)
-            if ckpt is not None:
+            if ckpt is not None and ddp.is_main():
                 ckpt.save(index, block, reports)
             loss = ctx.report.final_loss if ctx.report.final_loss is not None else ctx.report.out_rel_err
             if loss is not None:
                 bar.set_postfix_str(f"block {index}: loss {loss:.3g}", refresh=False)
+        store.free(fp_in)
+        store.free(q_in)
         fp_in, q_in = fp_out, q_out
         block.to("cpu")
+        if source is not None:
+            source.done(model, index, name, block)
         if index in transitions:  # between stages: the same full-precision module on both streams
-            if keep_fp:
-                fp_in, q_in = run_transition(model, transitions[index], calls, (fp_in, q_in), device)
-            else:
-                (q_in,) = run_transition(model, transitions[index], calls, (q_in,), device)
+            streams = (fp_in, q_in) if keep_fp else (q_in,)
+            outs = run_transition(model, transitions[index], calls, streams, device, store)
+            for old in streams:
+                store.free(old)
+            fp_in, q_in = outs if keep_fp else (None, outs[0])
         bar.update(1)
     bar.close()
+    store.free(fp_in)
+    store.free(q_in)
     method.finalize_model(model, mapping)
     return EngineResult(reports=reports, seconds=time.time() - t0, mapping=mapping)
+
+
+def _swap(store: StreamStore, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``new`` replaces the stream ``old`` (freed in ``store``)."""
+    store.free(old)
+    return new
+
+
+@torch.no_grad()
+def relative_error(q: torch.Tensor, ref: torch.Tensor, store: StreamStore | None = None) -> float:
+    """``||q - ref||^2 / ||ref||^2`` over streams ``[N, ...]``, one sample at a time (no full temporaries)."""
+    num = den = 0.0
+    for i in range(ref.shape[0]):
+        r = ref[i].double()
+        num += float((q[i].double() - r).pow(2).sum())
+        den += float(r.pow(2).sum())
+        if store is not None:
+            store.release(q, ref)
+    return num / max(den, 1e-20)
 
 
 @torch.no_grad()
 def run_transition(
     model: nn.Module, name: str, calls: dict[str, tuple[tuple, dict[str, Any]]],
-    streams: tuple[torch.Tensor, ...], device: torch.device,
+    streams: tuple[torch.Tensor, ...], device: torch.device, store: StreamStore | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Apply the stage transition ``name`` (kept in full precision) to each stream ``[N, L, C]`` ->
     ``[N, L', C']`` with its captured call arguments; outputs stay where the inputs were."""
     module = model.get_submodule(name).to(device)
     args, kwargs = calls[name]
     try:
-        return tuple(run_stream(module, s, kwargs, device, args=args) for s in streams)
+        return tuple(run_stream(module, s, kwargs, device, args=args, store=store) for s in streams)
     finally:
         module.to("cpu")
 

@@ -43,5 +43,5 @@ def combined(pred: torch.Tensor, target: torch.Tensor, terms: dict[str, float],
 def massive_token_mask(target: torch.Tensor, ratio: float) -> torch.Tensor:
     """Tokens to keep: ``target [N, L, H]`` -> ``[N, L]`` bool, False where a token's norm exceeds
     ``ratio`` x the median token norm of its sample (attention sinks / massive activations)."""
-    norms = target.float().norm(dim=-1)
+    norms = torch.stack([t.float().norm(dim=-1) for t in target])  # one sample at a time: no fp32 copy
     return norms <= ratio * norms.median(dim=1, keepdim=True).values

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from .. import distributed as ddp
 from ..arch.base import SmoothPair
 from ..losses import combined, massive_token_mask
 from ..quant.observers import MinMaxObserver
@@ -62,6 +63,8 @@ def channel_stats(ctx: BlockContext, pairs: tuple[SmoothPair, ...]) -> dict[str,
 
     hooks = [(ctx.block.get_submodule(p.nexts[0]), hook_for(observers[p.prev])) for p in observed]
     observe_inputs(ctx, hooks, ctx.fp_in, quantization_disabled(ctx.block))
+    for observer in observers.values():
+        observer.all_reduce()
     n, kv, hd = ctx.mapping.heads(ctx.config, ctx.block)
     stats: dict[str, dict[str, torch.Tensor]] = {}
     for pair in observed:
@@ -184,6 +187,7 @@ class LearnedMethod(Method):
         for idx in ctx.batches(ctx.recipe.train.batch_size, shuffle=False):
             total += float(self.block_loss(ctx, targets, idx)) * len(idx)
             n += len(idx)
+        total, n = ddp.sum_scalars(total, n)  # over every rank's share
         return total / max(n, 1)
 
     def fit(self, ctx: BlockContext, targets, groups: list[dict[str, Any]],
@@ -261,7 +265,7 @@ class LearnedMethod(Method):
     def steps(self, ctx: BlockContext) -> tuple[int, int]:
         """``(total optimizer steps, steps between best-iterate checks)`` for this block."""
         train = ctx.recipe.train
-        per_epoch = math.ceil(len(list(ctx.batches(1, shuffle=False))) / train.batch_size)
+        per_epoch = math.ceil(ctx.q_in.shape[0] / train.batch_size)  # global batches, whatever the ranks
         total = train.iters or train.epochs * per_epoch
         check = max(1, train.iters // 8) if train.iters else per_epoch
         return total, check
@@ -297,10 +301,11 @@ class LearnedMethod(Method):
                 if step >= total:
                     break
                 loss = self.block_loss(ctx, targets, idx)
-                if not torch.isfinite(loss):
+                value = ddp.mean_scalar(loss.item())  # the global batch's loss: every rank decides alike
+                if not math.isfinite(value):
                     return False, None
-                if best is not None and loss.item() < best[0]:  # the parameters this batch loss was measured at
-                    best = (loss.item(), [p.detach().clone() for p in params])
+                if best is not None and value < best[0]:  # the parameters this batch loss was measured at
+                    best = (value, [p.detach().clone() for p in params])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 ctx.all_reduce_grads(params)
@@ -309,7 +314,7 @@ class LearnedMethod(Method):
                     g["lr"] = lr * factor
                 opt.step()
                 step += 1
-                running += loss.item() * len(idx)
+                running += value * len(idx)
                 count += len(idx)
                 if step % check == 0 or step == total:
                     ctx.report.losses.append(running / max(count, 1))

@@ -34,6 +34,20 @@ class HessianAccumulator:
         self.n += x.shape[0]
         self.h.add_((x.T @ x).double(), alpha=2.0 / self.n)
 
+    @torch.no_grad()
+    def all_reduce(self) -> None:
+        """Combine the accumulators of every rank under data parallel (no-op in one process): the
+        sample-weighted mean of their ``H``."""
+        from ..distributed import active, all_reduce_, sum_scalars
+
+        if not active():
+            return
+        self.h.mul_(self.n)
+        all_reduce_(self.h, "sum")
+        (total,) = sum_scalars(float(self.n))
+        self.n = int(total)
+        self.h.div_(max(self.n, 1))
+
 
 @torch.no_grad()
 def gptq_quantize(

@@ -25,3 +25,13 @@ class MinMaxObserver:
             self.min, self.max = lo, hi
         else:
             self.min, self.max = torch.minimum(self.min, lo), torch.maximum(self.max, hi)
+
+    @torch.no_grad()
+    def all_reduce(self) -> None:
+        """Combine the ranges of every rank under data parallel (no-op in one process); every rank must
+        have seen data."""
+        from ..distributed import all_reduce_
+
+        if self.min is not None:
+            all_reduce_(self.min, "min")
+            all_reduce_(self.max, "max")

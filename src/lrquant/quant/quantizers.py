@@ -52,6 +52,9 @@ class UniformQuantizer(nn.Module):
         # learned per-output-channel factors on the dequantized weight, [channels] (LRQuant+'s rotation
         # vectors); :meth:`fold_channel_scale` moves them into ``scale``
         self.channel_scale: nn.Parameter | None = None
+        # learnable activation clipping (dynamic quantizers): one logit ``[1, 1]``; each input's min/max
+        # shrink by ``sigmoid(act_clip)`` (see :meth:`enable_act_clip`); it stays at inference
+        self.act_clip: nn.Parameter | None = None
         self.register_buffer("scale", None, persistent=False)
         self.register_buffer("zero_point", None, persistent=False)
         # observe mode: the running range of each quantization row (the rows are the observer's channels)
@@ -84,6 +87,14 @@ class UniformQuantizer(nn.Module):
         self.channel_scale = nn.Parameter(torch.ones(channels, device=device))
         return self.channel_scale
 
+    def enable_act_clip(self, logit: float, device: torch.device | str) -> nn.Parameter:
+        """Give a dynamic quantizer a learnable clip logit ``[1, 1]`` (FlatQuant's learnable activation
+        clipping; per tensor: one ratio for every token) and return it."""
+        if not self.per_input or self.lwc:
+            raise ConfigError("activation clipping needs a dynamic quantizer without weight clipping")
+        self.act_clip = nn.Parameter(torch.full((1, 1), float(logit), device=device))
+        return self.act_clip
+
     def _per_row(self, v: torch.Tensor, rows: int) -> torch.Tensor:
         """Per-channel ``v [channels]`` -> per quantization row ``[rows, 1]`` (groups of a channel share)."""
         return v.repeat_interleave(rows // v.shape[0])[:, None]
@@ -98,7 +109,7 @@ class UniformQuantizer(nn.Module):
 
     def learnable(self) -> dict[str, list[nn.Parameter]]:
         """Parameter groups this quantizer trains: ``lwc`` clip logits, ``round`` rounding offsets,
-        ``rot`` channel factors."""
+        ``rot`` channel factors, ``aclip`` the activation clip logit."""
         groups: dict[str, list[nn.Parameter]] = {}
         if self.lwc:
             groups["lwc"] = [self.upbound_factor, self.lowbound_factor]
@@ -106,6 +117,8 @@ class UniformQuantizer(nn.Module):
             groups["round"] = [self.rounding_offset]
         if self.channel_scale is not None:
             groups["rot"] = [self.channel_scale]
+        if self.act_clip is not None:
+            groups["aclip"] = [self.act_clip]
         return groups
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,6 +131,9 @@ class UniformQuantizer(nn.Module):
         clip = self.clip_factors()
         if clip is not None:
             return minmax_qparams(rows, self.qmin, self.qmax, self.args.symmetric, *clip)
+        if self.act_clip is not None:
+            ratio = torch.sigmoid(self.act_clip).to(rows.dtype)
+            return minmax_qparams(rows, self.qmin, self.qmax, self.args.symmetric, ratio, ratio)
         return minmax_qparams(rows, self.qmin, self.qmax, self.args.symmetric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,6 +156,7 @@ class UniformQuantizer(nn.Module):
         if x is not None:
             scale, zp = self.qparams(self.rows(x))
         elif self.observer.min is not None:
+            self.observer.all_reduce()
             scale, zp = qparams_from_range(self.observer.min[:, None], self.observer.max[:, None], self.qmin,
                                            self.qmax, self.args.symmetric)
         else:

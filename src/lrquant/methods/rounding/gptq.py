@@ -105,6 +105,8 @@ def round_gptq(ctx: BlockContext, args: RoundingArgs) -> None:
             continue
         hessians = {p: HessianAccumulator(lin.in_features, ctx.device) for p, lin in targets.items()}
         _collect_hessians(ctx, targets, hessians)
+        for acc in hessians.values():
+            acc.all_reduce()
         for path, lin in targets.items():
             q = lin.weight_quantizer
             w = lin.weight.detach()
