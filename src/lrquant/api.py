@@ -12,6 +12,7 @@ The vision job is :func:`lrquant.runs.run_vision`; qparam persistence and run-fo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,14 +148,27 @@ def run(
     tasks: list[str] | None = None,
     limit: int | None = None,
     export_format: str | None = None,
+    stream_dtype: str = "float32",
+    stream_budget_gb: float | None = None,
+    stream_blocks: bool = False,
 ) -> RunResult:
     """Run one quantization job end to end in the run folder ``output_dir`` (see :mod:`lrquant.runs` for
     its rules); writes ``results.json`` (also returned) and the model. Every check that needs no model runs
-    before anything is loaded; the TTA post-step (``recipe.tta``) adapts on each evaluation corpus."""
+    before anything is loaded; the TTA post-step (``recipe.tta``) adapts on each evaluation corpus.
+
+    ``stream_dtype`` / ``stream_budget_gb``: the calibration streams' dtype and how many GB of them stay in
+    RAM (the rest are memory-mapped files in the run folder). ``stream_blocks``: load the model as a
+    skeleton and read each block from its safetensors shards only when it is quantized, writing ``model/``
+    shard by shard (models larger than RAM; no evaluation, export or rotation in this mode). Under an
+    initialised process group (torchrun) the blocks train data-parallel; rank 0 alone evaluates and writes,
+    the other ranks return after the block loop."""
+    from . import distributed as ddp
     from . import runs
     from .eval.perplexity import evaluate_ppl, fp_ppl_cached, load_eval_sets
 
     eval_datasets = eval_datasets or []
+    check_large_model_options(recipe, eval_datasets, tasks, export_format, save_model, stream_dtype,
+                              stream_budget_gb, stream_blocks)
     if recipe.tta is not None and not eval_datasets:
         raise ConfigError("test-time adaptation adapts on the evaluation streams: --tta needs --eval corpora")
     if tasks:
@@ -163,22 +177,43 @@ def run(
         resolve_tasks(tasks)
     folder, model_id = runs.prepare_job(model_name, recipe, output_dir, device=device, resume=resume,
                                         overwrite=overwrite, export_format=export_format)
-    model, tokenizer, display = runs.load_checked(model_name)
+    if stream_blocks:
+        from .streaming import load_streamed
+
+        with runs.model_errors(model_name):
+            model, tokenizer, display, weights = load_streamed(model_name)
+    else:
+        model, tokenizer, display = runs.load_checked(model_name)
     validate_scheme(model, recipe)
     with runs.data_errors():
         calib = calibration_data(recipe, tokenizer, data_dir)
         eval_sets = load_eval_sets(tokenizer, eval_datasets, data_dir)
     runs.check_tta(model, recipe, eval_sets, eval_seqlen, eval_windows)
-    with folder.open():
+    main = ddp.is_main()
+    with folder.open() if main else contextlib.nullcontext(), contextlib.ExitStack() as stack:
         results = {**runs.results_header("text", display, model_id, recipe),
                    "eval": {"seqlen": eval_seqlen, "windows": eval_windows}}
-        if eval_sets:
+        if eval_sets and main:
             fp = fp_ppl_cached(model_id, model, eval_sets, eval_seqlen, eval_windows, device, progress)
             results["fp_ppl"] = {k: v["ppl"] for k, v in fp.items()}
             log.info("FP perplexity %s", results["fp_ppl"])
-        if tasks:
+        if tasks and main:
             results["fp_zeroshot"] = run_zeroshot(model, tokenizer, tasks, limit=limit)
-        qr = runs.quantize_into(folder, model, recipe, calib, results, model_id, device, progress)
+        source = writer = None
+        if stream_blocks:
+            from .streaming import SafetensorsSource, ShardWriter
+
+            source = SafetensorsSource(weights)
+            if main:
+                writer = source.writer = ShardWriter.for_model(stack.enter_context(folder.streamed_model()),
+                                                               model, source)
+        qr = runs.quantize_into(folder, model, recipe, calib, results, model_id, device, progress,
+                                stream_dtype=stream_dtype, stream_budget_gb=stream_budget_gb, source=source)
+        if not main:
+            return RunResult(results, model, tokenizer)
+        if writer is not None:
+            writer.finish(model, source, tokenizer)
+            stack.close()  # model/ in place
         if eval_sets:
             q = evaluate_ppl(model, eval_sets, eval_seqlen, eval_windows, device, progress)
             results["ppl"] = {k: v["ppl"] for k, v in q.items()}
@@ -191,5 +226,32 @@ def run(
             results["ppl_tta"], results["tta"] = runs.run_tta(model, model_name, qr.method, eval_sets, recipe.tta,
                                                               eval_seqlen, eval_windows, device, progress)
         runs.finish_job(folder, model, tokenizer, results, recipe, save_model=save_model,
-                        export_format=export_format, online_ops=qr.online_ops)
+                        export_format=export_format, online_ops=qr.online_ops,
+                        streamed_qparams=writer.qparams if writer is not None else None)
         return RunResult(results, model, tokenizer)
+
+
+def check_large_model_options(recipe: Recipe, eval_datasets: list[str], tasks: list[str] | None,
+                              export_format: str | None, save_model: bool, stream_dtype: str,
+                              stream_budget_gb: float | None, stream_blocks: bool) -> None:
+    """Refuse, before any work, stream and data-parallel settings that cannot work together."""
+    import math
+
+    from . import distributed as ddp
+    from .streams import STREAM_DTYPES
+
+    if stream_dtype not in STREAM_DTYPES:
+        raise ConfigError(f"unknown stream dtype {stream_dtype!r}; use {', '.join(STREAM_DTYPES)}")
+    if stream_budget_gb is not None and not (math.isfinite(stream_budget_gb) and stream_budget_gb >= 0):
+        raise ConfigError(f"--stream-budget-gb must be a number >= 0, got {stream_budget_gb}")
+    if (ddp.active() or ddp.launched()) and recipe.tta is not None:
+        raise ConfigError("test-time adaptation runs in one process: drop --tta or run without torchrun")
+    if not stream_blocks:
+        return
+    refused = [name for name, given in (("--eval", eval_datasets), ("--tasks", tasks),
+                                        (f"--format {export_format}", export_format not in (None, "fake")),
+                                        ("--no-save", not save_model), ("--rotate", recipe.rotation is not None),
+                                        ("--tta", recipe.tta is not None)) if given]
+    if refused:
+        raise ConfigError(f"--stream-blocks quantizes and writes the model block by block; it cannot combine "
+                          f"with {', '.join(refused)}")

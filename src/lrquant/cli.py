@@ -32,6 +32,8 @@ def _data_dir(args: argparse.Namespace) -> str | None:
 def _default_eval(args: argparse.Namespace) -> list[str]:
     if args.eval is not None:
         return [x for x in args.eval.split(",") if x and x != "none"]
+    if getattr(args, "stream_blocks", False):  # a model streamed block by block is not evaluated
+        return []
     return ["wikitext2"] if _data_dir(args) else ["default"]
 
 
@@ -198,7 +200,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     vision = _vision_job(args, calib)
     if vision:
         refused = [flag for flag, given in (("--tta", args.tta), ("--tasks", args.tasks),
-                                            (f"--format {args.format}", args.format != "fake")) if given]
+                                            (f"--format {args.format}", args.format != "fake"),
+                                            ("torchrun", _torchrun()), ("--stream-blocks", args.stream_blocks))
+                   if given]
         if refused:
             raise ConfigError(f"{', '.join(refused)}: not available for vision jobs (causal language models only)")
     recipe = build_recipe(args)
@@ -222,18 +226,42 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ConfigError(f"{', '.join(ignored)}: vision jobs only (calibrate on an image folder or use --eval "
                           "top1/retrieval)")
     windows = None if args.eval_windows == 0 else args.eval_windows
+    device = args.device
+    if _torchrun():  # torchrun: join the process group; rank 0 alone reports and writes
+        from .distributed import check_split, init_from_env, is_main
+
+        device = init_from_env(args.device)
+        check_split(recipe.calib.nsamples, recipe.train.batch_size)
+        if not is_main():
+            for handler in logging.getLogger().handlers:
+                handler.setLevel(logging.WARNING)
     result = run(
         args.model, recipe, out, eval_datasets=_default_eval(args), eval_seqlen=args.eval_seqlen,
-        eval_windows=windows, data_dir=_data_dir(args), device=args.device, resume=args.resume,
-        overwrite=args.overwrite, save_model=not args.no_save, progress=not args.quiet,
-        tasks=_tasks(args), limit=args.limit, export_format=args.format,
+        eval_windows=windows, data_dir=_data_dir(args), device=device, resume=args.resume,
+        overwrite=args.overwrite, save_model=not args.no_save, progress=not args.quiet and not _worker(),
+        tasks=_tasks(args), limit=args.limit, export_format=args.format, stream_dtype=args.stream_dtype,
+        stream_budget_gb=args.stream_budget_gb, stream_blocks=args.stream_blocks,
     )
+    if _worker():
+        return 0
     _print_summary(result.results, out)
     if "zeroshot" in result.results:
         from .eval.zeroshot import format_table
 
         print(format_table(result.results["zeroshot"], reference=result.results.get("fp_zeroshot")))
     return 0
+
+
+def _torchrun() -> bool:
+    """Started by torchrun with more than one process (read from the environment: torch not imported)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _worker() -> bool:
+    """A data-parallel rank other than 0 (it prints and writes nothing)."""
+    from .distributed import is_main
+
+    return not is_main()
 
 
 def _tasks(args: argparse.Namespace) -> list[str] | None:
@@ -358,6 +386,14 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true",
                    help="replace a finished or interrupted run in --output (only the files lrquant writes)")
     q.add_argument("--no-save", action="store_true", help="do not write the fake-quant checkpoint")
+    q.add_argument("--stream-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the calibration streams [N, L, H] (bfloat16/float16 halve their memory)")
+    q.add_argument("--stream-budget-gb", type=float, default=None,
+                   help="keep at most this many GB of calibration streams in RAM; the rest are memory-mapped "
+                        "files under <output>/checkpoint (deleted at the end); default: all in RAM")
+    q.add_argument("--stream-blocks", action="store_true",
+                   help="models larger than RAM: load a skeleton, read each block from the safetensors shards "
+                        "when it is quantized and write model/ shard by shard (no evaluation, export or rotation)")
     q.add_argument("--format", default="fake", choices=("fake", "compressed-tensors", "gguf"),
                    help="also export a real low-bit checkpoint: compressed-tensors to <output>/compressed, or gguf "
                         "(llama.cpp Q4_0/Q4_1/Q8_0, group 32) to <output>/model.gguf")

@@ -295,6 +295,15 @@ class RunFolder:
                     processor.save_pretrained(tmp)
         self._written.add(MODEL)
 
+    @contextlib.contextmanager
+    def streamed_model(self) -> Iterator[Path]:
+        """A temporary folder that replaces ``model/`` when the block ends without error: a model written
+        shard by shard while it is quantized (:mod:`lrquant.streaming`)."""
+        with atomic_dir(self.path / MODEL) as tmp:
+            yield tmp
+            self.replacing()  # the old results must not sit beside the new model
+        self._written.add(MODEL)
+
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         atomic_save_tensors(self.path / name, tensors)
         self._written.add(name)
@@ -430,21 +439,37 @@ def results_header(job: str, display: str, model_id: str, recipe: Recipe) -> dic
 
 
 def quantize_into(folder: RunFolder, model: nn.Module, recipe: Recipe, calib: Any, results: dict[str, Any],
-                  model_id: str, device: str, progress: bool) -> Any:
+                  model_id: str, device: str, progress: bool, *, stream_dtype: str = "float32",
+                  stream_budget_gb: float | None = None, source: Any = None) -> Any:
     """Quantize with the folder's checkpoint (resumable: the fingerprint is the recipe, the model's content
     and the calibration tensors' digest) and record blocks, errors, online ops, rotation and the
     calibration time (restored blocks counted with their recorded seconds; ``calib_cpu_s``: the process's
-    CPU seconds of this invocation only). Returns the QuantizeResult."""
+    CPU seconds of this invocation only). ``stream_dtype``, ``stream_budget_gb``: the calibration streams'
+    dtype and RAM budget (beyond it they are memory-mapped files under ``checkpoint/``, deleted at the end);
+    ``source``: materialises the blocks of a skeleton model (:mod:`lrquant.streaming`). Under torchrun rank 0
+    alone prepares the checkpoint; the other ranks read it. Returns the QuantizeResult."""
+    from . import distributed as ddp
     from .api import quantize
     from .engine import layer_errors
     from .identity import tensor_digest
 
-    restored = folder.begin(recipe, model_id)
+    restored = folder.begin(recipe, model_id) if ddp.is_main() else 0
+    ddp.barrier()  # the other ranks read the checkpoint rank 0 has just repaired
+    if not ddp.is_main() and folder.resume:
+        restored = folder.completed_blocks()
     log.info("model %s, method %s, scheme %s%s", results["model"], recipe.method, recipe.scheme.name(),
              f", resuming after {restored} blocks" if restored else "")
     t0, c0 = time.time(), time.process_time()
-    qr = quantize(model, recipe, calib, device=device, checkpoint_dir=folder.path / CHECKPOINT,
-                  resume=folder.resume, progress=progress, model_name=f"{model_id}|calib:{tensor_digest(calib)}")
+    store = stream_store(folder, stream_dtype, stream_budget_gb)
+    streams = "" if stream_dtype == "float32" else f"|streams:{stream_dtype}"  # a narrower stream changes results
+    try:
+        qr = quantize(model, recipe, calib, device=device, checkpoint_dir=folder.path / CHECKPOINT,
+                      resume=folder.resume, progress=progress, store=store, source=source,
+                      model_name=f"{model_id}|calib:{tensor_digest(calib)}{streams}")
+    finally:
+        store.close()
+    results["streams"] = {"dtype": stream_dtype, "budget_gb": stream_budget_gb, "mapped_files": store.files_made,
+                          "peak_in_ram_gb": round(store.peak_in_ram / 1024**3, 3), "world_size": ddp.world()}
     results["blocks"] = [asdict(r) for r in qr.reports]
     results["calib_time_s"] = round(time.time() - t0 + sum(b["seconds"] for b in results["blocks"][:restored]), 2)
     # CPU seconds of this process (all its threads): less sensitive than wall time to a loaded machine
@@ -462,18 +487,33 @@ def quantize_into(folder: RunFolder, model: nn.Module, recipe: Recipe, calib: An
     return qr
 
 
+def stream_store(folder: RunFolder, dtype: str, budget_gb: float | None) -> Any:
+    """The :class:`lrquant.streams.StreamStore` of a job: ``dtype`` streams, at most ``budget_gb`` of them in
+    RAM, the rest in ``checkpoint/streams`` (one folder per rank under data parallel)."""
+    from . import distributed as ddp
+    from .streams import STREAM_DTYPES, StreamStore
+
+    name = f"streams-rank{ddp.rank()}" if ddp.active() else "streams"
+    budget = None if budget_gb is None else int(budget_gb * 1024**3)
+    return StreamStore(STREAM_DTYPES[dtype], budget, folder.path / CHECKPOINT / name)
+
+
 def finish_job(folder: RunFolder, model: nn.Module, processor: Any, results: dict[str, Any], recipe: Recipe, *,
                save_model: bool, export_format: str | None, online_ops: list[str],
-               layout: CheckpointLayout | None = None) -> None:
+               layout: CheckpointLayout | None = None, streamed_qparams: dict[str, torch.Tensor] | None = None
+               ) -> None:
     """Resources, then (in this order) the model and qparams (in the family's checkpoint ``layout`` if it
-    declares one), the export, recipe and results."""
+    declares one), the export, recipe and results. ``streamed_qparams``: the model was written shard by
+    shard (:meth:`RunFolder.streamed_model`); only these qparams remain to be saved."""
     from .export.qparams import quant_state
 
     results["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)
     if torch.cuda.is_available():
         results["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
     folder.replacing()
-    if save_model:
+    if streamed_qparams is not None:
+        folder.save_tensors(QPARAMS, streamed_qparams)
+    elif save_model:
         folder.save_model(model, processor, layout)
         qparams = quant_state(model)
         folder.save_tensors(QPARAMS, layout.rename_qparams(qparams) if layout else qparams)
