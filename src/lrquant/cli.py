@@ -197,6 +197,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     # the vision-only refusals come first: a flag no vision job honours is named as such, not as a recipe
     # problem it would also cause (e.g. --tta with the default method)
     calib = args.calib or (_load_recipe(args.recipe).calib.dataset if args.recipe else CalibArgs().dataset)
+    from .multimodal import is_multimodal
+
+    if is_multimodal(args.model):
+        return _multimodal_job(args)
     vision = _vision_job(args, calib)
     if vision:
         refused = [flag for flag, given in (("--tta", args.tta), ("--tasks", args.tasks),
@@ -249,6 +253,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from .eval.zeroshot import format_table
 
         print(format_table(result.results["zeroshot"], reference=result.results.get("fp_zeroshot")))
+    return 0
+
+
+def _multimodal_job(args: argparse.Namespace) -> int:
+    """An image-text model (LLaVA, Qwen2-VL, Idefics3, Gemma3 folders): see :mod:`lrquant.multimodal`.
+    ``--eval``: text corpora; ``--eval-images``: held-out image-text pairs; ``--eval-limit``: how many."""
+    from .multimodal import run_multimodal
+
+    refused = [flag for flag, given in (("--tta", args.tta), ("--tasks", args.tasks)) if given]
+    if refused:
+        raise ConfigError(f"{', '.join(refused)}: not available for image-text models")
+    recipe = build_recipe(args)
+    out = Path(args.output or f"runs/{recipe.method}-{recipe.scheme.name()}")
+    windows = None if args.eval_windows == 0 else args.eval_windows
+    res = run_multimodal(args.model, recipe, out, eval_datasets=_default_eval(args), eval_pairs=args.eval_images,
+                         eval_limit=args.eval_limit, eval_seqlen=args.eval_seqlen, eval_windows=windows,
+                         image_size=args.image_size, data_dir=_data_dir(args), device=args.device,
+                         resume=args.resume, overwrite=args.overwrite, save_model=not args.no_save,
+                         progress=not args.quiet, export_format=args.format).results
+    _print_summary(res, out)
+    if "caption_ppl" in res:
+        print(f"{'captions':>12}  FP ppl {res['fp_caption_ppl']:9.3f}   quantized ppl {res['caption_ppl']:9.3f}   "
+              f"({res['eval']['pairs']} held-out pairs; image-feature cosine {res['image_feature_cosine']:.5f})")
     return 0
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -390,6 +391,46 @@ class TTAStep:
             raise ConfigError("TTA steps, blocks, windows and seqlen must be positive")
 
 
+_SCHEME_LABEL = re.compile(r"w(\d+)a(\d+)(?:g(\d+))?", re.IGNORECASE)
+
+
+def parse_scheme(label: str, where: str = "scheme") -> Scheme:
+    """A published-settings scheme (:meth:`Scheme.from_bits`) from its label, e.g. ``W8A8`` or
+    ``W4A16g64`` (the form :meth:`Scheme.name` prints, without a KV part)."""
+    match = _SCHEME_LABEL.fullmatch(str(label))
+    if match is None:
+        raise ConfigError(f"{where}: expected a scheme label like W8A8 or W4A16g64, got {label!r}")
+    w, a, g = (int(x) if x else None for x in match.groups())
+    for bits in (w, a):
+        if bits not in VALID_BITS:
+            raise ConfigError(f"{where}: bit widths must be one of 2-8 or 16, got {label!r}")
+    return Scheme.from_bits(w, a, g)
+
+
+@dataclass
+class PartsArgs:
+    """What a multimodal model quantizes besides its language model (which always follows the recipe's
+    ``scheme``). ``vision``: the vision tower's scheme label (``W8A8``, ``W4A16g64``, ...; null: the tower
+    stays in 16 bits, as the peers keep it); ``projector``: also put the projector's linear weights on a
+    round-to-nearest grid (the vision scheme's weights when the tower is quantized, else the language
+    model's). Text-only models refuse anything but the defaults."""
+
+    vision: str | None = None
+    projector: bool = False
+
+    def __post_init__(self) -> None:
+        if self.vision is not None:
+            parse_scheme(self.vision, "parts.vision")
+
+    @property
+    def vision_scheme(self) -> Scheme | None:
+        return None if self.vision is None else parse_scheme(self.vision, "parts.vision")
+
+    @property
+    def default(self) -> bool:
+        return self.vision is None and not self.projector
+
+
 PRE_STEPS: dict[str, type] = {"rotation": RotationStep}
 POST_STEPS: dict[str, type] = {"tta": TTAStep}
 STEP_KIND = {cls: name for table in (PRE_STEPS, POST_STEPS) for name, cls in table.items()}
@@ -434,6 +475,7 @@ class Recipe:
     loss: LossArgs = field(default_factory=LossArgs)
     pre: list[Any] = field(default_factory=list)
     post: list[Any] = field(default_factory=list)
+    parts: PartsArgs = field(default_factory=PartsArgs)
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -448,6 +490,7 @@ class Recipe:
         self.clip = typed(ClipArgs, self.clip, "clip")
         self.rounding = typed(RoundingArgs, self.rounding, "rounding")
         self.loss = typed(LossArgs, self.loss, "loss")
+        self.parts = typed(PartsArgs, self.parts, "parts")
         self.pre = _steps(self.pre, PRE_STEPS, "pre")
         self.post = _steps(self.post, POST_STEPS, "post")
         if not isinstance(self.options, dict):
@@ -494,11 +537,12 @@ class Recipe:
         (``loss.nlc``, ``rounding.kind``, ``train.iters``, ``clip.init``); plain keys are method options
         (``alpha``). Unknown names fail with a message naming the field and the allowed ones."""
         data = self.to_dict()
+        data.setdefault("parts", {})
         for key, value in overrides.items():
             section, _, name = key.rpartition(".")
             if not section:
                 data["options"][key] = value
-            elif section in ("train", "clip", "rounding", "loss", "calib") and "." not in section:
+            elif section in ("train", "clip", "rounding", "loss", "calib", "parts") and "." not in section:
                 data[section][name] = value
             else:
                 raise ConfigError(f"unknown option section {section!r} in {key!r}; known: train, clip, rounding, "
@@ -515,8 +559,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.version}
         for f in dataclasses.fields(self):
-            if f.name in ("version", "pre", "post"):
-                continue
+            if f.name in ("version", "pre", "post") or (f.name == "parts" and self.parts.default):
+                continue  # default parts are left out: text-only recipes keep their former expansion
             value = getattr(self, f.name)
             out[f.name] = asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
         out["pre"] = [{STEP_KIND[type(s)]: asdict(s)} for s in self.pre]

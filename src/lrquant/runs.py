@@ -32,7 +32,7 @@ import os
 import resource
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ CHECKPOINT, RUN_STATE = "checkpoint", "run.json"
 OWNED = (RESULTS, RECIPE, LOG, MODEL, QPARAMS, COMPRESSED, GGUF, CHECKPOINT)
 ARTIFACTS = (MODEL, QPARAMS, COMPRESSED, GGUF)
 QUALITY_KEYS = ("fp_ppl", "ppl", "ppl_tta", "fp_top1", "top1", "fp_retrieval_top1", "retrieval_top1",
-                "feature_cosine")
+                "feature_cosine", "fp_caption_ppl", "caption_ppl", "image_feature_cosine")
 FORMATS = ("fake", "compressed-tensors", "gguf")
 
 
@@ -439,15 +439,19 @@ def results_header(job: str, display: str, model_id: str, recipe: Recipe) -> dic
 
 
 def quantize_into(folder: RunFolder, model: nn.Module, recipe: Recipe, calib: Any, results: dict[str, Any],
-                  model_id: str, device: str, progress: bool, *, stream_dtype: str = "float32",
+                  model_id: str, device: str, progress: bool,
+                  before_blocks: Callable[[Path], dict[str, Any]] | None = None, *, stream_dtype: str = "float32",
                   stream_budget_gb: float | None = None, source: Any = None) -> Any:
     """Quantize with the folder's checkpoint (resumable: the fingerprint is the recipe, the model's content
     and the calibration tensors' digest) and record blocks, errors, online ops, rotation and the
     calibration time (restored blocks counted with their recorded seconds; ``calib_cpu_s``: the process's
-    CPU seconds of this invocation only). ``stream_dtype``, ``stream_budget_gb``: the calibration streams'
-    dtype and RAM budget (beyond it they are memory-mapped files under ``checkpoint/``, deleted at the end);
-    ``source``: materialises the blocks of a skeleton model (:mod:`lrquant.streaming`). Under torchrun rank 0
-    alone prepares the checkpoint; the other ranks read it. Returns the QuantizeResult."""
+    CPU seconds of this invocation only). ``before_blocks(checkpoint folder)``: parts quantized before the
+    model's blocks, inside the same checkpoint (a multimodal model's vision tower and projector, see
+    :mod:`lrquant.multimodal`); what it returns goes into ``results``. ``stream_dtype``,
+    ``stream_budget_gb``: the calibration streams' dtype and RAM budget (beyond it they are memory-mapped
+    files under ``checkpoint/``, deleted at the end); ``source``: materialises the blocks of a skeleton
+    model (:mod:`lrquant.streaming`). Under torchrun rank 0 alone prepares the checkpoint; the other ranks
+    read it. Returns the QuantizeResult."""
     from . import distributed as ddp
     from .api import quantize
     from .engine import layer_errors
@@ -460,6 +464,8 @@ def quantize_into(folder: RunFolder, model: nn.Module, recipe: Recipe, calib: An
     log.info("model %s, method %s, scheme %s%s", results["model"], recipe.method, recipe.scheme.name(),
              f", resuming after {restored} blocks" if restored else "")
     t0, c0 = time.time(), time.process_time()
+    if before_blocks is not None:
+        results.update(before_blocks(folder.path / CHECKPOINT))
     store = stream_store(folder, stream_dtype, stream_budget_gb)
     streams = "" if stream_dtype == "float32" else f"|streams:{stream_dtype}"  # a narrower stream changes results
     try:

@@ -83,6 +83,23 @@ class CheckpointLayout(ABC):
 
 
 @dataclass(frozen=True)
+class MultimodalParts:
+    """The parts of a multimodal model besides its language model (paths from the top-level model). The
+    vision tower is a module whose own class has a mapping (CLIP, SigLIP, DINOv2 ... encoders) when it can
+    be quantized; the projector carries its features into the language model's embedding space."""
+
+    vision_tower: str
+    projector: str
+
+    @staticmethod
+    def pattern(path: str) -> str:
+        """The compressed-tensors ``ignore`` entry for the module at ``path`` kept dense, in the ``re:.*<module>.*``
+        form the ecosystem's recipes use (it matches the names with or without the ``model.`` prefix that
+        vLLM and transformers put in front)."""
+        return f"re:.*{path.rpartition('.')[2]}.*"
+
+
+@dataclass(frozen=True)
 class ArchMapping:
     """Where things are in one model family (see module docstring)."""
 
@@ -133,6 +150,8 @@ class ArchMapping:
     preparation: ModelPreparation | None = None  # run once at model load (:func:`prepare_model`)
     checkpoint_layout: CheckpointLayout | None = None  # None: transformers' save_pretrained
     eval_image_size: int | None = None           # vision: input side to evaluate at (None: the config's)
+    # multimodal models: the language model is what ``blocks`` describes; the other parts are here
+    parts: MultimodalParts | None = None
 
     def __post_init__(self) -> None:
         if bool(self.blocks) == (self.stages is not None):
@@ -222,6 +241,8 @@ class ArchMapping:
             self, blocks=strip(self.blocks), pre_blocks=tuple(strip(x) for x in self.pre_blocks),
             final_norm=strip(self.final_norm), head=None, embed_tokens=strip(self.embed_tokens),
             stages=strip(self.stages),
+            parts=None if self.parts is None else MultimodalParts(strip(self.parts.vision_tower),
+                                                                  strip(self.parts.projector)),
         )
 
 
@@ -248,7 +269,7 @@ def register_family(
 
 
 def supported() -> list[str]:
-    from . import families, timm_vit, vision  # noqa: F401  (registers the built-in families)
+    from . import families, multimodal, timm_vit, vision  # noqa: F401  (registers the built-in families)
 
     return sorted(_REGISTRY)
 
@@ -256,7 +277,7 @@ def supported() -> list[str]:
 def _registered(model: nn.Module) -> ArchMapping | None:
     """The mapping registered for ``type(model)`` or its nearest registered base class (qualified
     ``module.QualName`` first, then the bare class name); None when there is none."""
-    from . import families, timm_vit, vision  # noqa: F401  (registers the built-in families)
+    from . import families, multimodal, timm_vit, vision  # noqa: F401  (registers the built-in families)
 
     for cls in type(model).__mro__:
         mapping = _REGISTRY.get(f"{cls.__module__}.{cls.__qualname__}") or _REGISTRY.get(cls.__name__)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import ArchMapping, check_config, register_family  # noqa: F401  (check_config re-exported)
+from .base import ArchMapping, MultimodalParts, check_config, register_family  # noqa: F401  (check_config re-exported)
 
 # Llama family: Llama 2/3, SmolLM2, Mistral (GQA, RoPE, RMSNorm, gated SiLU MLP).
 LLAMA = register_family(
@@ -85,13 +85,16 @@ GEMMA3 = register_family(
     ("Gemma3TextModel",),
 )
 
-# Gemma3 multimodal (4B and up): the same text decoder at ``model.language_model``; the vision tower
-# and projector are not quantized and do not run on text-only input. The head/attention sizes live in
-# ``config.text_config`` (pass ``config.get_text_config()`` to ``mapping.heads``).
+# Gemma3 multimodal (4B and up): the same text decoder at ``model.language_model``; a SigLIP vision tower
+# (mapped in :mod:`lrquant.arch.multimodal`) and an average-pool + RMSNorm + matrix projector, which run
+# before the first decoder block on image inputs (so they are pre-blocks). The head/attention sizes live
+# in ``config.text_config`` (pass ``config.get_text_config()`` to ``mapping.heads``).
 GEMMA3_MM = register_family(
     ArchMapping(
         blocks="model.language_model.layers",
-        pre_blocks=("model.language_model.embed_tokens", "model.language_model.rotary_emb"),
+        pre_blocks=("model.vision_tower", "model.multi_modal_projector", "model.language_model.embed_tokens",
+                    "model.language_model.rotary_emb"),
+        parts=MultimodalParts(vision_tower="model.vision_tower", projector="model.multi_modal_projector"),
         final_norm="model.language_model.norm",
         head="lm_head",
         embed_tokens="model.language_model.embed_tokens",

@@ -285,7 +285,38 @@ def export_state_dict(model: nn.Module, scheme: Scheme, dtype: torch.dtype | Non
         for key, value in compress_linear(m, scheme, dtype, name, layout).items():
             sd[f"{name}.{key}"] = value
     ignore = [n for n in _linear_names(model) if n not in quant]
-    return sd, ignore
+    return sd, collapse_ignore(model, ignore)
+
+
+def collapse_ignore(model: nn.Module, ignore: list[str]) -> list[str]:
+    """``ignore`` with each wholly dense part of a multimodal model (vision tower, projector: see
+    :class:`lrquant.arch.base.MultimodalParts`) written as the ``re:.*<module>.*`` entry the ecosystem's
+    recipes use, in place of one name per linear; other models' lists are returned unchanged (and so is any
+    list where such an entry would also match a quantized linear)."""
+    import re
+
+    from ..arch.base import get_mapping
+    from ..errors import UnsupportedArchitectureError
+
+    try:
+        parts = get_mapping(model).parts
+    except UnsupportedArchitectureError:
+        return ignore
+    if parts is None:
+        return ignore
+    names = _linear_names(model)
+    patterns = []
+    for path in (parts.vision_tower, parts.projector):
+        inside = [n for n in names if n.startswith(f"{path}.")]
+        if inside and all(n in ignore for n in inside):
+            patterns.append(parts.pattern(path))
+
+    def covered(name: str) -> bool:
+        return any(re.match(p.removeprefix("re:"), name) for p in patterns)
+
+    if any(covered(n) for n in names if n not in ignore):
+        return ignore
+    return patterns + [n for n in ignore if not covered(n)]
 
 
 def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tokenizer=None,
