@@ -124,3 +124,98 @@ def test_fold_is_exact_after_the_rotation_prestep():
     inner = [m for m in model.modules() if isinstance(m, OnlineKron) and m.inner is not None]
     assert len(inner) == 2 * len(mapping.block_list(model))  # down and o of every block
     assert all(not m.commutes_with_scales for m in inner)
+
+
+# ---- the kronquant method ----------------------------------------------------------------------------------
+def _recipe(abits: int = 4, epochs: int = 2, rotate: bool = False, **options):
+    from lrquant.config import CalibArgs, Recipe, Scheme, TrainArgs
+
+    pre = [{"rotation": {"kind": "hadamard", "seed": 0}}] if rotate else []
+    return Recipe(method="kronquant", scheme=Scheme.from_bits(4, abits, None), pre=pre,
+                  calib=CalibArgs(nsamples=4, seqlen=16), train=TrainArgs(epochs=epochs, batch_size=2),
+                  options=options)
+
+
+def test_training_path_equals_folded_path_with_quantizers():
+    """W4A4 block with the Kronecker transforms live (training) == the folded, frozen block."""
+    from lrquant.engine import BlockContext, BlockReport
+    from lrquant.methods.kronquant import KronQuant
+
+    model = tiny_llama().double()
+    mapping = get_mapping(model)
+    block = model.model.layers[0]
+    x = torch.randn(2, 12, 64, dtype=torch.float64)
+    kwargs = {"position_embeddings": model.model.rotary_emb(x, torch.arange(12)[None]), "attention_mask": None}
+    recipe = _recipe()
+    method = KronQuant(recipe)
+    method.prepare_model(model, mapping, None)
+    ctx = BlockContext(0, "model.layers.0", block, mapping, model.config, recipe, x, x, x, kwargs,
+                       torch.device("cpu"), torch.Generator().manual_seed(0), BlockReport(0))
+    method.prepare_block(ctx)
+    block.double()
+    gen = torch.Generator().manual_seed(9)
+    attach_random(model, block, gen, affine=False)
+    attach_kron(model, block, gen)
+    with torch.no_grad():
+        for q in block.modules():
+            if getattr(q, "act_clip", None) is not None:
+                q.act_clip.fill_(1.5)
+        temporary = block(x, **kwargs)
+        fold_block(block)
+        method.freeze_weights(block)
+        folded = block(x, **kwargs)
+    torch.testing.assert_close(folded, temporary, atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotated"])
+def test_kronquant_runs_and_never_ends_worse(rotate):
+    from lrquant import api
+
+    model = tiny_llama(layers=2)
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    res = api.quantize(model, _recipe(epochs=8, rotate=rotate), calib, progress=False)
+    for r in res.reports:
+        assert r.init_loss is not None and r.final_loss <= r.init_loss
+    ops = [m for m in model.modules() if isinstance(m, OnlineKron)]
+    assert len(ops) == 2 * 7  # q, k, v, o, gate, up, down of both blocks
+    assert all(op.live is None for op in ops)
+    assert any(not torch.equal(op.factor0, torch.eye(op.sizes[0])) for op in ops)  # learned, not identity
+    assert all((op.inner is not None) == (rotate and op.block == 1 and op.factor0.shape[0] * op.factor1.shape[0]
+                                          == model.config.intermediate_size) for op in ops)
+    assert len([o for o in res.online_ops if "input_transform" in o]) >= 14
+    assert torch.isfinite(model(calib).logits).all()
+
+
+@pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotated"])
+def test_run_folder_reload_gives_the_in_memory_logits(tiny_model_dir, tmp_path, rotate):
+    """No silent drop of an online op: model/ + qparams.safetensors reload with every Kronecker op, the
+    rotation's Hadamards and the activation clip logits, and give the in-memory logits."""
+    from lrquant import api
+    from lrquant.config import CalibArgs
+    from lrquant.export import load_run_model
+
+    recipe = _recipe(epochs=1, rotate=rotate)
+    recipe.calib = CalibArgs("default", 2, 32)
+    res = api.run(str(tiny_model_dir), recipe, tmp_path / "run", progress=False)
+    model, _, results = load_run_model(tmp_path / "run")
+    assert results["online_ops"] and not any(isinstance(m, OnlineKron) and m.live for m in res.model.modules())
+    ops = [m for m in model.modules() if isinstance(m, OnlineKron)]
+    assert len(ops) == 14 and sum(m.inner is not None for m in ops) == (2 if rotate else 0)
+    ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    # the same attention kernel on both sides: at 4-bit activations a last-bit difference flips roundings
+    res.model.config._attn_implementation = model.config._attn_implementation
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, res.model(ids).logits, atol=1e-5, rtol=1e-5)
+        # negative control: the logits see the online op (its factors doubled)
+        ops[0].live = lambda dtype: [2 * getattr(ops[0], f"factor{j}").to(dtype) for j in range(2)]
+        assert (model(ids).logits - res.model(ids).logits).abs().max() > 1e-4
+
+
+def test_kronquant_options_and_export_are_checked():
+    from lrquant.errors import ConfigError
+    from lrquant.runs import check_format
+
+    with pytest.raises(ConfigError, match="options.online entry"):
+        _recipe(online=["attn", "qk"])
+    with pytest.raises(ConfigError, match="no type in compressed-tensors"):
+        check_format(_recipe(), "compressed-tensors")

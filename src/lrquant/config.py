@@ -244,7 +244,7 @@ class CalibArgs:
             raise ConfigError(f"nsamples and seqlen must be positive, got {self.nsamples} and {self.seqlen}")
 
 
-LR_GROUPS = ("lwc", "let", "rot", "round", "clip")
+LR_GROUPS = ("lwc", "let", "rot", "round", "clip", "kron", "aclip")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -254,7 +254,8 @@ class TrainArgs:
 
     ``iters``: optimizer steps per block (0: ``epochs`` passes over the samples, one step per batch).
     ``lr``: per parameter group (``lwc`` clip logits, ``let`` transforms, ``rot`` LRQuant+ vectors,
-    ``round`` learned-rounding offsets, ``clip`` RepQuant clips); missing groups take the method's
+    ``round`` learned-rounding offsets, ``clip`` RepQuant clips, ``kron`` online Kronecker transforms,
+    ``aclip`` activation clip logits); missing groups take the method's
     defaults. ``lr_schedule``: ``constant``, ``cosine`` or ``linear`` decay to 0 over the steps.
     ``keep_best``: keep the parameters at which a training batch had the lowest loss (auto-round's rule:
     no extra forward), instead of the last ones; the block is then judged on the full calibration loss

@@ -9,7 +9,9 @@ compressed-tensors checkpoint, never over anything lrquant did not write (:func:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,8 +24,11 @@ from .compressed import SIDECAR_NAME
 def quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The frozen quantization parameters (``<linear>.weight_scale / .weight_zero_point`` ``[rows, 1]`` or
     ``[rows, groups]``, static ``<linear>.input_scale / .input_zero_point``) that export needs beside the
-    fake-quant weights."""
+    fake-quant weights, and what the inference graph keeps beside the weights: the learned online ops'
+    factors (``<linear>.input_transform.factor<j>`` ``[d_j, d_j]``, :class:`~lrquant.transforms.OnlineKron`)
+    and learned activation clip logits (``<linear>.input_clip`` ``[1, 1]``)."""
     from ..quant.quantizers import quant_linears
+    from ..transforms.kron import OnlineKron
 
     out = {}
     for name, m in quant_linears(model).items():
@@ -31,7 +36,33 @@ def quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
             if q is not None and q.scale is not None:
                 out[f"{name}.{kind}_scale"] = q.scale
                 out[f"{name}.{kind}_zero_point"] = q.zero_point
+        if isinstance(m.input_transform, OnlineKron):
+            for j, f in enumerate(m.input_transform.factors(m.weight.dtype)):
+                out[f"{name}.input_transform.factor{j}"] = f.detach().contiguous()
+        if m.input_quantizer is not None and m.input_quantizer.act_clip is not None:
+            out[f"{name}.input_clip"] = m.input_quantizer.act_clip.detach().clone()
     return out
+
+
+def restore_online(ql: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Put back the :class:`~lrquant.transforms.OnlineKron` and the activation clip logit :func:`quant_state`
+    stored for the QuantLinear ``ql`` named ``name`` (a fixed op already there becomes the Kronecker op's
+    ``inner``)."""
+    from ..transforms.kron import OnlineKron
+
+    factors = []
+    while f"{name}.input_transform.factor{len(factors)}" in tensors:
+        factors.append(tensors[f"{name}.input_transform.factor{len(factors)}"])
+    if factors:
+        sizes = tuple(int(f.shape[0]) for f in factors)
+        op = OnlineKron(sizes, ql.in_features // math.prod(sizes), inner=ql.input_transform, dtype=ql.weight.dtype)
+        with torch.no_grad():
+            for j, f in enumerate(factors):
+                getattr(op, f"factor{j}").copy_(f)
+        ql.input_transform = op.to(ql.weight.device)
+    clip = tensors.get(f"{name}.input_clip")
+    if clip is not None and ql.input_quantizer is not None:
+        ql.input_quantizer.act_clip = nn.Parameter(clip.clone().to(ql.weight.device), requires_grad=False)
 
 
 def restore_quant_state(model: nn.Module, recipe: Recipe, tensors: dict[str, torch.Tensor]) -> None:
@@ -49,7 +80,28 @@ def restore_quant_state(model: nn.Module, recipe: Recipe, tensors: dict[str, tor
                 if q is not None and f"{name}.{kind}_scale" in tensors:
                     q.scale = tensors[f"{name}.{kind}_scale"]
                     q.zero_point = tensors[f"{name}.{kind}_zero_point"]
+            restore_online(ql, name, tensors)
             set_submodule(block, path, ql)
+
+
+def load_run_model(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, dict]:
+    """A finished text run folder as the model it evaluated: ``model/`` through transformers, the rotation
+    pre-step's online Hadamards (``results.json``), then every quantizer, learned online op and activation
+    clip from ``qparams.safetensors`` (:func:`restore_quant_state`). Returns ``(model, tokenizer, results)``.
+    Our runtime for what no export format can hold (see docs/online-transforms.md)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..transforms.rotation import attach_online
+
+    run_dir = Path(run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    recipe = Recipe.from_dict(results["recipe"])
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=dtype).eval()
+    if results.get("rotation"):
+        attach_online(model, results["rotation"]["online"])
+    restore_quant_state(model, recipe, load_file(str(run_dir / "qparams.safetensors")))
+    return model, AutoTokenizer.from_pretrained(run_dir / "model"), results
 
 
 def check_export_target(target: Path, run_dir: Path | None = None, overwrite: bool = False,

@@ -21,7 +21,7 @@ def register_method(name: str):
 
 
 def get_method(name: str) -> type[Method]:
-    from . import lrquant, repquant, rtn, transformed  # noqa: F401  (registers the built-in methods)
+    from . import kronquant, lrquant, repquant, rtn, transformed  # noqa: F401  (registers the built-in methods)
 
     key = name.lower()
     if key not in METHODS:

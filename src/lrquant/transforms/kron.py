@@ -61,19 +61,25 @@ class SVDFactor(nn.Module):
         self.v = nn.Parameter(torch.zeros(d, d))
         self.s = nn.Parameter(torch.zeros(d) if log_diag is None else log_diag.detach().float().clone())
 
-    @staticmethod
-    def _orth(a: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.matrix_exp(a - a.T)
+    def _parts(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U, V, s)`` computed in float64 for a float64 ``dtype``, else in float32 with autocast off
+        (a bf16 matrix exponential's backward overflows), then cast to ``dtype``."""
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        with torch.autocast(self.u.device.type, enabled=False):
+            u, v = (torch.linalg.matrix_exp(a.to(work) - a.to(work).T) for a in (self.u, self.v))
+            return u, v, self.s.to(work)
 
     def matrix(self, dtype: torch.dtype) -> torch.Tensor:
         """``F [d, d]`` in ``dtype``."""
-        u, v = self._orth(self.u.to(dtype)), self._orth(self.v.to(dtype))
-        return (u * self.s.to(dtype).exp()[None, :]) @ v.T
+        u, v, s = self._parts(dtype)
+        with torch.autocast(self.u.device.type, enabled=False):
+            return ((u * s.exp()[None, :]) @ v.T).to(dtype)
 
     def inverse(self, dtype: torch.dtype) -> torch.Tensor:
         """``F^-1 [d, d] = V diag(exp(-s)) U^T`` in ``dtype`` (exact, no solve)."""
-        u, v = self._orth(self.u.to(dtype)), self._orth(self.v.to(dtype))
-        return (v * (-self.s.to(dtype)).exp()[None, :]) @ u.T
+        u, v, s = self._parts(dtype)
+        with torch.autocast(self.u.device.type, enabled=False):
+            return ((v * (-s).exp()[None, :]) @ u.T).to(dtype)
 
 
 class OnlineKron(OnlineOp):
