@@ -127,10 +127,10 @@ def test_fold_is_exact_after_the_rotation_prestep():
 
 
 # ---- the kronquant method ----------------------------------------------------------------------------------
-def _recipe(abits: int = 4, epochs: int = 2, rotate: bool = False, **options):
+def _recipe(abits: int = 4, epochs: int = 2, rotate: bool = False, rotation: dict | None = None, **options):
     from lrquant.config import CalibArgs, Recipe, Scheme, TrainArgs
 
-    pre = [{"rotation": {"kind": "hadamard", "seed": 0}}] if rotate else []
+    pre = [{"rotation": rotation or {"kind": "hadamard", "seed": 0}}] if rotate or rotation else []
     return Recipe(method="kronquant", scheme=Scheme.from_bits(4, abits, None), pre=pre,
                   calib=CalibArgs(nsamples=4, seqlen=16), train=TrainArgs(epochs=epochs, batch_size=2),
                   options=options)
@@ -219,3 +219,63 @@ def test_kronquant_options_and_export_are_checked():
         _recipe(online=["attn", "qk"])
     with pytest.raises(ConfigError, match="no type in compressed-tensors"):
         check_format(_recipe(), "compressed-tensors")
+
+
+# ---- learned rotations ----------------------------------------------------------------------------------
+def test_cayley_step_stays_orthogonal_and_descends():
+    from lrquant.quant.stiefel import cayley_step
+
+    gen = torch.Generator().manual_seed(0)
+    target = torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))[0]
+    r = torch.eye(16, dtype=torch.float64)
+    losses = []
+    for _ in range(50):
+        rr = r.clone().requires_grad_(True)
+        loss = (rr - target).pow(2).sum()
+        (g,) = torch.autograd.grad(loss, rr)
+        losses.append(float(loss.detach()))
+        r = cayley_step(r, g, 0.2)
+    torch.testing.assert_close(r.T @ r, torch.eye(16, dtype=torch.float64), atol=1e-10, rtol=0)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_learned_rotation_is_exact_orthogonal_and_lowers_its_objective():
+    from lrquant.config import Scheme
+    from lrquant.quant.hadamard import hadamard_matrix
+    from lrquant.transforms.learned_rotation import RotationObjective, capture_norm_outputs, learn_rotation
+    from lrquant.transforms.rotation import rotate_model
+
+    model = randomize(tiny_llama(), seed=1).double()
+    mapping = get_mapping(model)
+    calib = torch.randint(1, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    scheme = Scheme.from_bits(4, 4, None)
+    learned = {}
+
+    def residual(m):
+        learned["r"] = learn_rotation(m, mapping, calib, scheme, seed=0, steps=40, lr=0.1, tokens=32)
+        acts = capture_norm_outputs(m, mapping, calib, 32, 0)
+        obj = RotationObjective(m, mapping, acts, scheme)
+        learned["losses"] = (obj.total(hadamard_matrix(64, 0).float()), obj.total(learned["r"].float()))
+        return learned["r"]
+
+    with torch.no_grad():
+        ref = model(IDS, use_cache=False).logits
+        rotate_model(model, mapping, seed=0, residual=residual)
+        out = model(IDS, use_cache=False).logits
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    r = learned["r"]
+    torch.testing.assert_close(r.T @ r, torch.eye(64, dtype=torch.float64), atol=1e-8, rtol=0)
+    assert not torch.allclose(r, hadamard_matrix(64, 0))  # trained, not the init
+    assert learned["losses"][1] < learned["losses"][0]
+
+
+def test_learned_rotation_composes_with_kronquant():
+    from lrquant import api
+
+    model = tiny_llama(layers=2)
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    recipe = _recipe(epochs=2, rotation={"kind": "learned", "seed": 0, "steps": 5})
+    assert recipe.rotation.kind == "learned"
+    res = api.quantize(model, recipe, calib, progress=False)
+    assert any(o.endswith("down_proj.input_transform") for o in res.online_ops)
+    assert torch.isfinite(model(calib).logits).all()

@@ -68,17 +68,25 @@ def validate_scheme(model: nn.Module, recipe: Recipe) -> None:
                 raise ConfigError(f"group_size {w.group_size} does not divide the input dimension {dim} of {path}")
 
 
-def rotate(model: nn.Module, recipe: Recipe) -> list[str]:
-    """The rotation pre-step (``recipe.rotation``), exact in full precision, before any block is quantized.
-    Returns the online ops it added. Deterministic, so a resumed run rotates the same way before its blocks
-    are restored."""
+def rotate(model: nn.Module, recipe: Recipe, calib: Any = None) -> list[str]:
+    """The rotation pre-step (``recipe.rotation``), exact in full precision, before any block is quantized
+    (``learned``: trained on ``calib`` first). Returns the online ops it added. Deterministic, so a resumed
+    run rotates the same way before its blocks are restored."""
     step = recipe.rotation
     if step is None:
         return []
     from .arch.base import get_mapping
     from .transforms.rotation import rotate_model
 
-    return rotate_model(model, get_mapping(model), seed=step.seed, online_value=step.online_value)
+    mapping = get_mapping(model)
+    residual = None
+    if step.kind == "learned":
+        from .transforms.learned_rotation import learn_rotation
+
+        def residual(m: nn.Module) -> torch.Tensor:
+            return learn_rotation(m, mapping, calib, recipe.scheme, seed=step.seed, steps=step.steps, lr=step.lr)
+
+    return rotate_model(model, mapping, seed=step.seed, online_value=step.online_value, residual=residual)
 
 
 def quantize(
@@ -112,7 +120,7 @@ def quantize(
         if tokenizer is None:
             raise LrquantError("quantize() needs calibration data or a tokenizer to draw it")
         calib = calibration_data(recipe, tokenizer, data_dir)
-    rotation_ops = rotate(model, recipe)
+    rotation_ops = rotate(model, recipe, calib)
     result: EngineResult = quantize_blocks(
         model, method, recipe, calib, device=device,
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None, resume=resume,

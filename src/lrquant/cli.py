@@ -379,9 +379,9 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--w-sym", action="store_true", help="symmetric weights (default asymmetric)")
     q.add_argument("--kv-bits", type=int, default=None,
                    help="Q/K/V bits (default: the activation bits in W-A settings; 16 = off)")
-    q.add_argument("--rotate", default=None, choices=("hadamard", "none"),
+    q.add_argument("--rotate", default=None, choices=("hadamard", "learned", "none"),
                    help="rotation pre-step before any method (randomized Hadamard on the residual stream, online "
-                        "Hadamard on the down-proj input)")
+                        "Hadamard on the down-proj input; learned: that rotation trained by Cayley SGD first)")
     q.add_argument("--calib", default=None,
                    help="calibration corpus (default, wikitext2, ptb, c4 or a file) or, for vision models, an "
                         "image folder")

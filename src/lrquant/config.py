@@ -359,20 +359,26 @@ class LossArgs:
         return {"mse": float(self.mse or 0.0), "nlc": float(self.nlc or 0.0)}
 
 
-ROTATIONS = ("hadamard",)
+ROTATIONS = ("hadamard", "learned")
 
 
 @dataclass
 class RotationStep:
-    """Pre-step: randomized Hadamard rotation of the residual stream (norms fused, an online Hadamard
-    on every down-proj input; ``online_value`` also rotates the v -> o path online)."""
+    """Pre-step: rotation of the residual stream (norms fused, an online Hadamard on every down-proj input;
+    ``online_value`` also rotates the v -> o path online). ``kind``: ``hadamard`` (randomized, ``seed``) or
+    ``learned`` (from that Hadamard, ``steps`` Cayley SGD steps of length ``lr`` on the Stiefel manifold,
+    :mod:`lrquant.transforms.learned_rotation`; ``steps``/``lr`` are read by ``learned`` only)."""
 
     kind: str = "hadamard"
     seed: int = 0
     online_value: bool = False
+    steps: int = 100
+    lr: float = 0.05
 
     def __post_init__(self) -> None:
         check_choice(self.kind, ROTATIONS, "pre.rotation.kind")
+        check_range(self.steps, 1, None, "pre.rotation.steps")
+        check_range(self.lr, 0.0, None, "pre.rotation.lr")
 
 
 @dataclass

@@ -180,10 +180,13 @@ def fuse_norms(model: nn.Module, mapping: ArchMapping) -> None:
 
 # ------------------------------------------------------------------------------------------- rotation
 @torch.no_grad()
-def rotate_model(model: nn.Module, mapping: ArchMapping, seed: int = 0, online_value: bool = False) -> list[str]:
+def rotate_model(model: nn.Module, mapping: ArchMapping, seed: int = 0, online_value: bool = False,
+                 residual: Callable[[nn.Module], torch.Tensor] | None = None) -> list[str]:
     """Rotate ``model`` in place (module docstring): fuse the norms, rotate the residual stream by the
-    randomized Hadamard ``hadamard_matrix(hidden, seed)``, add the online Hadamard on every MLP
-    output-projection input (and, with ``online_value``, the value/o_proj rotation).
+    randomized Hadamard ``hadamard_matrix(hidden, seed)`` (or by ``residual(model)``: a float64 orthogonal
+    ``[H, H]`` computed on the norm-fused model, e.g. a learned rotation,
+    :mod:`lrquant.transforms.learned_rotation`), add the online Hadamard on every MLP output-projection
+    input (and, with ``online_value``, the value/o_proj rotation).
 
     Returns the module paths of the online ops it added (``...mlp.down_proj.input_transform``, ...).
     Raises :class:`UnsupportedArchitectureError` for families where the rotation is not exact and for
@@ -191,15 +194,20 @@ def rotate_model(model: nn.Module, mapping: ArchMapping, seed: int = 0, online_v
     """
     _check(model, mapping)
     fuse_norms(model, mapping)
-    return _rotate_fused(model, mapping, seed, online_value)
+    matrix = None
+    if residual is not None:
+        with torch.enable_grad():
+            matrix = residual(model)
+    return _rotate_fused(model, mapping, seed, online_value, matrix)
 
 
 @torch.no_grad()
-def _rotate_fused(model: nn.Module, mapping: ArchMapping, seed: int, online_value: bool) -> list[str]:
+def _rotate_fused(model: nn.Module, mapping: ArchMapping, seed: int, online_value: bool,
+                  matrix: torch.Tensor | None = None) -> list[str]:
     """The rotation proper; exact only once the norms are pure normalizations (:func:`fuse_norms`)."""
 
-    def resid(x: torch.Tensor) -> torch.Tensor:  # x Q, Q = hadamard_matrix(hidden, seed)
-        return hadamard_rotate(x, seed)
+    def resid(x: torch.Tensor) -> torch.Tensor:  # x Q, Q = hadamard_matrix(hidden, seed) or ``matrix``
+        return hadamard_rotate(x, seed) if matrix is None else x @ matrix.to(device=x.device, dtype=x.dtype)
 
     emb = model.get_submodule(mapping.embed_tokens)
     _set(emb.weight, resid(emb.weight.double()))
