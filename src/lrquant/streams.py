@@ -121,5 +121,8 @@ class StreamStore:
                 path.unlink(missing_ok=True)
         self._live.clear()
         self.in_ram = 0
-        if self.folder is not None and self.folder.is_dir() and not any(self.folder.iterdir()):
-            self.folder.rmdir()
+        if self.folder is not None:
+            try:
+                self.folder.rmdir()  # only when empty
+            except OSError:  # not empty, or already gone with the checkpoint
+                pass
