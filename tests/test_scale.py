@@ -5,12 +5,13 @@ by block from sharded safetensors gives the same checkpoint as the in-RAM run.""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import tiny_llama
+from helpers import CASES, tiny_llama
 
 from lrquant import api
 from lrquant.config import CalibArgs, Recipe, Scheme, TrainArgs
@@ -36,12 +37,18 @@ def _quantized(recipe: Recipe, **kwargs) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, init_file: str, recipe_dict: dict, out: str) -> None:
+    """One data-parallel rank: quantize with a checkpoint (rank 0 writes it), then resume from it on every
+    rank (each rank reads rank 0's blocks); rank 0 saves both results."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        weights = _quantized(Recipe.from_dict(recipe_dict))
+        recipe = Recipe.from_dict(recipe_dict)
+        ckpt = Path(out).with_name("checkpoint")
+        weights = _quantized(recipe, checkpoint_dir=ckpt)
+        dist.barrier()
+        resumed = _quantized(recipe, checkpoint_dir=ckpt, resume=True)
         if rank == 0:
-            torch.save(weights, out)
+            torch.save({"run": weights, "resumed": resumed}, out)
     finally:
         dist.destroy_process_group()
 
@@ -54,14 +61,17 @@ def _max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
 
 def test_two_gloo_processes_match_one(tmp_path):
     """Same seed, same global batch: 2 data-parallel processes end with the weights of one process (a learned
-    method with GPTQ rounding: gradient averaging, loss reduction, range and Hessian reductions)."""
+    method with GPTQ rounding: gradient averaging, loss reduction, range and Hessian reductions), and a
+    resume under the 2 processes restores rank 0's checkpoint bit for bit."""
     torch.set_num_threads(1)
     recipe = _recipe("omniquant", **{"rounding.kind": "gptq"})
     single = _quantized(recipe)
     out = tmp_path / "rank0.pt"
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), recipe.to_dict(), str(out)), nprocs=2, join=True)
-    parallel = torch.load(out)
+    saved = torch.load(out)
+    parallel = saved["run"]
     assert _max_rel_diff(parallel, single) < TOL
+    assert all(torch.equal(saved["resumed"][k], parallel[k]) for k in parallel)  # resume under torchrun
     # the comparison can see training: three steps move the weights far beyond TOL
     assert _max_rel_diff(_quantized(recipe.with_options({"train.iters": 0})), single) > 100 * TOL
 
@@ -181,7 +191,6 @@ def test_torchrun_cli_matches_one_process(tiny_model_dir, tmp_path):
     alone writing the run folder; then a streamed run of the same job writes it too."""
     import subprocess
     import sys
-    from pathlib import Path
 
     args = ["quantize", "--model", str(tiny_model_dir), "--method", "omniquant", "--nsamples", "4", "--seqlen",
             "32", "--batch-size", "2", "--option", "train.iters=3", "--eval", "none", "--quiet"]
@@ -201,3 +210,29 @@ def test_torchrun_cli_matches_one_process(tiny_model_dir, tmp_path):
     streamed = _read_folder(tmp_path / "streamed" / "model")
     assert all(torch.equal(streamed[k], one[k]) for k in one) and streamed.keys() == one.keys()
     assert not (tmp_path / "two" / "checkpoint").exists() and (tmp_path / "two" / "results.json").is_file()
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name != "gemma3_mm"], ids=lambda c: c.name)
+def test_streamed_blocks_every_text_family(tmp_path, case):
+    """RTN streamed from shards writes what ``save_pretrained`` of the in-RAM run writes, on every text
+    family (tied heads, QK-norm, OPT's learned positions and biases)."""
+    from lrquant.streaming import SafetensorsSource, ShardWriter, load_skeleton
+
+    torch.manual_seed(0)
+    case.build().save_pretrained(tmp_path / "src", max_shard_size="50KB")
+    recipe = Recipe(method="rtn", scheme=Scheme.from_bits(4, 16, 32), calib=CalibArgs(nsamples=2, seqlen=8))
+    calib = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    ram = case.build().eval()
+    api.quantize(ram, recipe, calib, progress=False)
+    ram.save_pretrained(tmp_path / "ram")
+    skeleton = load_skeleton(str(tmp_path / "src"))
+    out = tmp_path / "streamed"
+    out.mkdir()
+    source = SafetensorsSource(tmp_path / "src")
+    source.writer = writer = ShardWriter.for_model(out, skeleton, source)
+    api.quantize(skeleton, recipe, calib, progress=False, source=source)
+    writer.finish(skeleton, source)
+    expected, got = _read_folder(tmp_path / "ram"), _read_folder(out)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
