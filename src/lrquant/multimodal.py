@@ -222,6 +222,7 @@ def run_multimodal(
     from .data.multimodal import default_image_size, is_pair_source, load_pairs, pair_inputs, split_pairs
     from .eval.multimodal import caption_ppl, feature_agreement, image_features
     from .eval.perplexity import evaluate_ppl, fp_ppl_cached, load_eval_sets
+    from .eval.vision import fp_outputs_cached
 
     eval_datasets = eval_datasets or []
     if recipe.tta is not None:
@@ -268,13 +269,22 @@ def run_multimodal(
                + (["projector"] if recipe.parts.projector else [])}
     with folder.open():
         if eval_sets:
-            fp = fp_ppl_cached(model_id, model, eval_sets, eval_seqlen, eval_windows, device, progress)
-            results["fp_ppl"] = {k: v["ppl"] for k, v in fp.items()}
+            fp_text = fp_ppl_cached(model_id, model, eval_sets, eval_seqlen, eval_windows, device, progress)
+            results["fp_ppl"] = {k: v["ppl"] for k, v in fp_text.items()}
         if eval_samples:
-            model.to(device)
-            results["fp_caption_ppl"] = caption_ppl(model, eval_samples, device)
-            fp_feats = image_features(model, parts.projector, eval_samples, device)
-            model.to("cpu")
+
+            def fp_outputs(m: nn.Module) -> dict[str, torch.Tensor]:
+                m.to(device)
+                feats = image_features(m, parts.projector, eval_samples, device)
+                out = {"caption_ppl": torch.tensor(caption_ppl(m, eval_samples, device), dtype=torch.float64)}
+                m.to("cpu")
+                return {**out, **{f"features.{i}": f for i, f in enumerate(feats)}}
+
+            # cached per model content and held-out inputs: a table of runs pays for the FP pass once
+            keyed = [t for s in eval_samples for t in (*s.inputs.values(), torch.tensor([s.start, s.end]))]
+            fp = fp_outputs_cached(model_id, model, keyed, fp_outputs)
+            results["fp_caption_ppl"] = float(fp["caption_ppl"])
+            fp_feats = [fp[f"features.{i}"] for i in range(len(eval_samples))]
             log.info("FP caption perplexity %.4f", results["fp_caption_ppl"])
 
         def before_blocks(checkpoint: Path) -> dict[str, Any]:
