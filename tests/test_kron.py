@@ -279,3 +279,23 @@ def test_learned_rotation_composes_with_kronquant():
     res = api.quantize(model, recipe, calib, progress=False)
     assert any(o.endswith("down_proj.input_transform") for o in res.online_ops)
     assert torch.isfinite(model(calib).logits).all()
+
+
+def test_activation_clip_shrinks_the_dynamic_range_and_is_refused_elsewhere():
+    from lrquant.config import QuantArgs
+    from lrquant.errors import ConfigError
+    from lrquant.quant.quantizers import UniformQuantizer
+
+    q = UniformQuantizer(QuantArgs(num_bits=4, symmetric=False, strategy="token", dynamic=True))
+    x = torch.randn(3, 5, 16)
+    full, _ = q.qparams(q.rows(x))
+    q.enable_act_clip(0.0, "cpu")  # sigmoid(0) = 0.5
+    half, _ = q.qparams(q.rows(x))
+    torch.testing.assert_close(half, full * 0.5)
+    assert q.learnable() == {"aclip": [q.act_clip]}
+    out = q(x)
+    out.sum().backward()
+    assert q.act_clip.grad is not None and q.act_clip.grad.abs() > 0
+    static = UniformQuantizer(QuantArgs(num_bits=8, symmetric=False, strategy="tensor", dynamic=False))
+    with pytest.raises(ConfigError, match="dynamic quantizer"):
+        static.enable_act_clip(4.0, "cpu")
