@@ -7,7 +7,7 @@ each block's relative output error ``|q_out - fp_out|^2 / |fp_out|^2`` (the quan
 accumulate as in a full run) and the block's calibration seconds. Example:
 
     python bench/bench_kron_blocks.py --data-dir ../shared/data --blocks 4 --nsamples 4 --seqlen 128 \\
-        --recipes best-w4a4 kron-w4a4
+        --iters 8 --recipes best-w4a4 kron-w4a4
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--nsamples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=None, help="override every recipe's train.iters")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir", default=os.environ.get("LRQUANT_DATA_DIR"))
     args = ap.parse_args()
@@ -45,14 +46,17 @@ def main() -> None:
     for name in args.recipes:
         recipe = Recipe.load(name)
         recipe.calib = CalibArgs("wikitext2", args.nsamples, args.seqlen, 0)
+        if args.iters is not None:
+            recipe.train.iters = args.iters
         recipe = Recipe.from_dict(recipe.to_dict())
         model = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=torch.float32).eval()
         res = api.quantize(model, recipe, calib, progress=False)
         rows[name] = res.reports
         print(f"{name}: " + ", ".join(f"block {r.block} err {r.out_rel_err:.4g} ({r.seconds:.0f} s)"
                                       for r in res.reports), flush=True)
+    iters = "each recipe's iters" if args.iters is None else f"{args.iters} iters"
     print(f"\n{args.model}, first {args.blocks} blocks, calibration {args.nsamples} x {args.seqlen} (wikitext2, "
-          f"seed 0), {args.threads} threads\n")
+          f"seed 0), {iters}, {args.threads} threads\n")
     print("| recipe | " + " | ".join(f"block {i} err" for i in range(args.blocks)) + " | calib s |")
     print("|---|" + "---:|" * (args.blocks + 1))
     for name, reports in rows.items():

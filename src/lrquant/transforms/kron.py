@@ -124,11 +124,6 @@ class OnlineKron(OnlineOp):
             buf.copy_(f.to(device=buf.device, dtype=buf.dtype))
         self.live = None
 
-    def spec(self) -> dict[str, object]:
-        """``{"sizes", "block", "inner"}`` (``inner``: the fixed op's class name or ``None``)."""
-        return {"sizes": list(self.sizes), "block": self.block,
-                "inner": None if self.inner is None else type(self.inner).__name__}
-
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, block={self.block}"
 
@@ -168,7 +163,7 @@ class KronAffine(Transform):
         if pair.kind not in KRON_KINDS:
             raise ValueError(f"KronAffine takes pairs of kind {KRON_KINDS}, not {pair.kind!r}")
         self.config = config
-        sizes, self.per = online_shape(pair, mapping, config, block)
+        sizes, _ = online_shape(pair, mapping, config, block)
         if pair.kind == "heads":
             _, self.n_kv, hd = mapping.heads(config, block)
             sizes = (*sizes, hd)
@@ -187,13 +182,6 @@ class KronAffine(Transform):
 
     def inverse_transposes(self, dtype: torch.dtype) -> list[torch.Tensor]:
         return [f.inverse(dtype).T for f in self.factor_modules]
-
-    def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """The full ``P [n, n]`` (tests, diagnostics)."""
-        p = torch.ones(1, 1, dtype=dtype)
-        for m in self.matrices(dtype):
-            p = torch.kron(p, m)
-        return p
 
     def attach(self, block: nn.Module) -> None:
         for op in install_online(block, self.pair, self.mapping, self.config):
