@@ -146,8 +146,10 @@ def test_streamed_blocks_write_the_in_ram_checkpoint(tmp_path, method):
     """A meta skeleton whose blocks are read from several shards when reached, written shard by shard,
     gives exactly the checkpoint ``save_pretrained`` writes for the in-RAM run; the skeleton holds no
     block weights afterwards; transformers loads the result."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from lrquant.export.qparams import quant_state
     from lrquant.streaming import SafetensorsSource, ShardWriter, load_skeleton
 
     folder = _sharded(tmp_path)
@@ -160,10 +162,14 @@ def test_streamed_blocks_write_the_in_ram_checkpoint(tmp_path, method):
     out = tmp_path / "streamed"
     out.mkdir()
     source = SafetensorsSource(folder)
-    source.writer = writer = ShardWriter.for_model(out, skeleton, source)
+    source.writer = writer = ShardWriter.for_model(out, skeleton, source, tmp_path / "qparams.spool")
     api.quantize(skeleton, recipe, _calib(), progress=False, source=source,
                  store=StreamStore(budget_bytes=0, folder=tmp_path / "streams"))
     writer.finish(skeleton, source)
+    writer.qparams.write(tmp_path / "qparams.safetensors")
+    qparams = load_file(tmp_path / "qparams.safetensors")
+    in_ram = quant_state(ram)
+    assert qparams.keys() == in_ram.keys() and all(torch.equal(qparams[k], in_ram[k]) for k in in_ram)
     assert all(p.is_meta for p in skeleton.model.layers.parameters())
     assert len(list(out.glob("model-*.safetensors"))) == 3 + 3  # 3 blocks, embeddings, norm, head
     expected, got = _read_folder(tmp_path / "ram"), _read_folder(out)
@@ -230,7 +236,7 @@ def test_streamed_blocks_every_text_family(tmp_path, case):
     out = tmp_path / "streamed"
     out.mkdir()
     source = SafetensorsSource(tmp_path / "src")
-    source.writer = writer = ShardWriter.for_model(out, skeleton, source)
+    source.writer = writer = ShardWriter.for_model(out, skeleton, source, tmp_path / "qparams.spool")
     api.quantize(skeleton, recipe, calib, progress=False, source=source)
     writer.finish(skeleton, source)
     expected, got = _read_folder(tmp_path / "ram"), _read_folder(out)

@@ -213,8 +213,9 @@ def run(
 
             source = SafetensorsSource(weights)
             if main:
+                spool = folder.path / ".qparams.safetensors.spool"  # a temp name: a killed run's is cleaned up
                 writer = source.writer = ShardWriter.for_model(stack.enter_context(folder.streamed_model()),
-                                                               model, source)
+                                                               model, source, spool)
         qr = runs.quantize_into(folder, model, recipe, calib, results, model_id, device, progress,
                                 stream_dtype=stream_dtype, stream_budget_gb=stream_budget_gb, source=source)
         if not main:
@@ -235,7 +236,7 @@ def run(
                                                               eval_seqlen, eval_windows, device, progress)
         runs.finish_job(folder, model, tokenizer, results, recipe, save_model=save_model,
                         export_format=export_format, online_ops=qr.online_ops,
-                        streamed_qparams=writer.qparams if writer is not None else None)
+                        streamed_qparams=writer.qparams.write if writer is not None else None)
         return RunResult(results, model, tokenizer)
 
 

@@ -506,11 +506,11 @@ def stream_store(folder: RunFolder, dtype: str, budget_gb: float | None) -> Any:
 
 def finish_job(folder: RunFolder, model: nn.Module, processor: Any, results: dict[str, Any], recipe: Recipe, *,
                save_model: bool, export_format: str | None, online_ops: list[str],
-               layout: CheckpointLayout | None = None, streamed_qparams: dict[str, torch.Tensor] | None = None
+               layout: CheckpointLayout | None = None, streamed_qparams: Callable[[Path], None] | None = None
                ) -> None:
     """Resources, then (in this order) the model and qparams (in the family's checkpoint ``layout`` if it
     declares one), the export, recipe and results. ``streamed_qparams``: the model was written shard by
-    shard (:meth:`RunFolder.streamed_model`); only these qparams remain to be saved."""
+    shard (:meth:`RunFolder.streamed_model`); this writes the qparams file it spooled to the given path."""
     from .export.qparams import quant_state
 
     results["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)
@@ -518,7 +518,8 @@ def finish_job(folder: RunFolder, model: nn.Module, processor: Any, results: dic
         results["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
     folder.replacing()
     if streamed_qparams is not None:
-        folder.save_tensors(QPARAMS, streamed_qparams)
+        streamed_qparams(folder.path / QPARAMS)
+        folder._written.add(QPARAMS)
     elif save_model:
         folder.save_model(model, processor, layout)
         qparams = quant_state(model)

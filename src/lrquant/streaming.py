@@ -10,13 +10,17 @@ them, and the quantized checkpoint written shard by shard as blocks finish.
 * :class:`ShardWriter` writes ``model-0000i-of-0000n.safetensors`` (one shard per block, then one for
   everything outside the blocks, copied tensor by tensor from the input shards), the
   ``model.safetensors.index.json``, the config and the tokenizer: the same tensors as ``save_pretrained``
-  of the in-RAM quantized model, never assembled in memory. It also keeps each block's frozen
-  quantization parameters (``qparams.safetensors``, small).
+  of the in-RAM quantized model, never assembled in memory. Each block's frozen quantization parameters
+  go to a :class:`TensorSpool` (a raw file beside the run's outputs) and become ``qparams.safetensors``
+  at the end, so they do not pile up in memory either (W4 g64: 3% of the fp32 weights).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,55 @@ from torch import nn
 from .errors import LrquantError
 
 INDEX = "model.safetensors.index.json"
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _malloc_trim() -> None:
+    """Hand the heap's free pages back to the kernel (glibc; a no-op elsewhere): the temporaries of one block
+    must not stay resident while the next one runs."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class TensorSpool:
+    """Tensors appended one at a time to the raw file ``path``, written out as one safetensors file by
+    :meth:`write` (header, then the data copied through): never all in memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.size = 0
+        self._fh = open(path, "wb")  # noqa: SIM115  (kept open while blocks finish)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        self._fh.write(data)
+        self.entries[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.size, self.size + len(data)]}
+        self.size += len(data)
+
+    def write(self, target: Path) -> None:
+        """``target`` (atomically: a temp sibling renamed), then the spool file is removed."""
+        self._fh.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        tmp = target.with_name(f".{target.name}.spool.tmp")
+        with open(tmp, "wb") as out, open(self.path, "rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+        self.path.unlink()
+
+    def discard(self) -> None:
+        self._fh.close()
+        self.path.unlink(missing_ok=True)
 SINGLE = "model.safetensors"
 
 
@@ -104,6 +157,7 @@ class SafetensorsSource:
         if self.writer is not None:
             self.writer.write_block(index, name, block)
         block.to("meta")
+        _malloc_trim()
 
     def drop(self, model: nn.Module, prefixes: Sequence[str]) -> None:
         for prefix in prefixes:
@@ -124,25 +178,26 @@ def _tied_source(model: nn.Module, key: str) -> str:
 class ShardWriter:
     """Writes the quantized checkpoint into ``folder`` shard by shard (see the module docstring): one shard
     per block (``blocks`` of them), then one per tensor outside the blocks (``rest``: their names in the
-    input checkpoint)."""
+    input checkpoint); the blocks' quantization parameters go to ``qparams`` (a spool)."""
 
-    def __init__(self, folder: Path, blocks: int, rest: Sequence[str]) -> None:
+    def __init__(self, folder: Path, blocks: int, rest: Sequence[str], qparams: TensorSpool) -> None:
         self.folder = folder
         self.blocks = blocks
         self.rest = list(rest)
         self.total = blocks + len(self.rest)
         self.weight_map: dict[str, str] = {}
         self.size = 0
-        self.qparams: dict[str, torch.Tensor] = {}
+        self.qparams = qparams
 
     @classmethod
-    def for_model(cls, folder: Path, model: nn.Module, source: SafetensorsSource) -> ShardWriter:
-        """A writer for ``model`` (a skeleton whose blocks the mapping lists) read through ``source``."""
+    def for_model(cls, folder: Path, model: nn.Module, source: SafetensorsSource, spool: Path) -> ShardWriter:
+        """A writer for ``model`` (a skeleton whose blocks the mapping lists) read through ``source``;
+        ``spool``: where the quantization parameters wait (outside ``folder``)."""
         from .arch.base import get_mapping
 
         names = [n for n, _ in get_mapping(model).block_list(model)]
         rest = [k for k in source.map if not any(k.startswith(f"{n}.") for n in names)]
-        return cls(folder, len(names), rest)
+        return cls(folder, len(names), rest, TensorSpool(spool))
 
     def _write(self, number: int, tensors: dict[str, torch.Tensor]) -> None:
         file = f"model-{number:05d}-of-{self.total:05d}.safetensors"
@@ -158,7 +213,8 @@ class ShardWriter:
         from .export.qparams import quant_state
 
         self._write(index + 1, {f"{name}.{k}": v for k, v in block.state_dict().items()})
-        self.qparams.update({f"{name}.{k}": v.detach().clone() for k, v in quant_state(block).items()})
+        for k, v in quant_state(block).items():
+            self.qparams.add(f"{name}.{k}", v)
 
     @torch.no_grad()
     def finish(self, model: nn.Module, source: SafetensorsSource, processor: Any = None) -> None:
