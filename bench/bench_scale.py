@@ -44,6 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 HIDDEN, INTER, HEADS, KV_HEADS = 1536, 4096, 12, 4
+WALLS: dict[Path, float] = {}  # run folder -> wall seconds of the run this invocation made there
 
 
 def build_models(root: Path, depths: list[int], vocab_from: str) -> dict[int, Path]:
@@ -125,6 +126,7 @@ def quantize(model: Path, out: Path, method: str, args: argparse.Namespace, *ext
     wall = time.time() - t0
     if done.returncode != 0:
         raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
+    WALLS[out] = wall
     return json.loads((out / "results.json").read_text()), wall
 
 
@@ -201,9 +203,14 @@ def main() -> None:
         if "procs" in parts:
             print(f"\n| processes ({args.device}) | method | layers | wall (s) | calibration (s) | peak RSS rank 0 "
                   "(GB) | model/ vs 1 process (max abs diff) |\n|---|---|---|---|---|---|---|")
+            one_run = runs / f"{learned}-{depths[0]}"  # the depth part's streamed run is the 1-process run
             for procs in (1, args.procs):
-                res, wall = quantize(small, runs / f"procs-{procs}", learned, args, "--stream-blocks", procs=procs)
-                one, this = runs / "procs-1" / "model", runs / f"procs-{procs}" / "model"
+                out = one_run if procs == 1 else runs / f"procs-{procs}"
+                if out in WALLS:
+                    res, wall = json.loads((out / "results.json").read_text()), WALLS[out]
+                else:
+                    res, wall = quantize(small, out, learned, args, "--stream-blocks", procs=procs)
+                one, this = one_run / "model", out / "model"
                 diff = "-" if procs == 1 else f"{compare(one, this)[1]:.3g}"
                 print(f"| {procs} | {learned} | {depths[0]} | {wall:.0f} | {res['calib_time_s']:.1f} | "
                       f"{res['peak_rss_gb']:.3f} | {diff} |", flush=True)
