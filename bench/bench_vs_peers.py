@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH / "peers"))
+from table import PEER_LABELS  # noqa: E402  (bench/peers/table.py: plain Python, the peers' display names)
+
 PEERS_PYTHON = BENCH / "peers" / ".venv" / "bin" / "python"
 PEER_RE = re.compile(r"^([a-z-]+):(W\d+A\d+(?:g\d+)?)$")
 
@@ -120,13 +123,14 @@ def table(rows: list[dict]) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     order = {s: i for i, s in enumerate(dict.fromkeys(r["setting"] for r in rows))}
     for r in sorted(rows, key=lambda r: (order[r["setting"]], r["ppl"])):
-        name = r["tool"] if r["kind"] == "peer" else f"lrquant {r['tool']} (`{r['spec']}`)"
+        name = PEER_LABELS.get(r["tool"], r["tool"]) if r["kind"] == "peer" else f"lrquant `{r['spec']}`"
         base = gptq.get(r["setting"])
         ratio = f"{r['calib_time_s'] / base:.2f}" if base and r.get("calib_time_s") else "–"
         secs = f"{r['calib_time_s']:.0f}" if r.get("calib_time_s") else "–"
         cpu = f"{r['calib_cpu_s']:.0f}" if r.get("calib_cpu_s") else "–"
+        load = "/".join(f"{r[k]:.1f}" if k in r else "–" for k in ("load_1m", "load_1m_end"))
         lines.append(f"| {r['setting']} | {name} | {r['ppl']:.2f} | {secs} | {ratio} | {cpu} | "
-                     f"{r.get('peak_rss_gb') or 0:.2f} | {r.get('load_1m', 0):.1f}/{r.get('load_1m_end', 0):.1f} |")
+                     f"{r.get('peak_rss_gb') or 0:.2f} | {load} |")
     return "\n".join(lines)
 
 
