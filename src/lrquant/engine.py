@@ -149,8 +149,13 @@ def to_device(obj: Any, device: torch.device) -> Any:
 def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], args: tuple = ()) -> torch.Tensor:
     """One forward ``block(x, *args, **kwargs)``: ``x [B, L, H] -> [B, L', H']`` (tuple outputs reduced to
     the hidden states; ``L' = L, H' = H`` for a block, not for a stage transition). ``x`` is cast to the
-    block's floating dtype (streams may be kept in a narrower one)."""
-    dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), x.dtype)
+    block's floating dtype — the dtype holding most of its parameter elements, i.e. its weights', not a
+    quantizer's small float32 parameters (streams may be kept in a narrower one)."""
+    sizes: dict[torch.dtype, int] = {}
+    for p in block.parameters():
+        if p.is_floating_point():
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    dtype = max(sizes, key=sizes.__getitem__) if sizes else x.dtype
     out = block(x.to(dtype), *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
