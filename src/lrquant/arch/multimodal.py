@@ -82,9 +82,6 @@ def _text_model_problem(allowed: tuple[str, ...]):
     return problem
 
 
-# The Llama decoder layout (q/k/v/o, gate/up/down, RMSNorm) shared by the language models below.
-_LLAMA_TEXT: dict[str, Any] = dict(head="lm_head")
-
 LLAVA = register_family(
     ArchMapping(
         family="llava",
@@ -95,7 +92,7 @@ LLAVA = register_family(
         embed_tokens="model.language_model.embed_tokens",
         parts=MultimodalParts(vision_tower="model.vision_tower", projector="model.multi_modal_projector"),
         config_check=_text_model_problem(("llama", "mistral", "qwen2")),
-        **_LLAMA_TEXT,
+        head="lm_head",
     ),
     ("LlavaForConditionalGeneration",),
     ("LlavaModel",),
@@ -109,7 +106,7 @@ QWEN2_VL = register_family(
         final_norm="model.language_model.norm",
         embed_tokens="model.language_model.embed_tokens",
         parts=MultimodalParts(vision_tower="model.visual", projector="model.visual.merger"),
-        **_LLAMA_TEXT,
+        head="lm_head",
     ),
     ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
     ("Qwen2VLModel", "Qwen2_5_VLModel"),
@@ -125,7 +122,7 @@ IDEFICS3 = register_family(
         embed_tokens="model.text_model.embed_tokens",
         parts=MultimodalParts(vision_tower="model.vision_model", projector="model.connector"),
         config_check=_text_model_problem(("llama",)),
-        **_LLAMA_TEXT,
+        head="lm_head",
     ),
     ("Idefics3ForConditionalGeneration",),
     ("Idefics3Model",),
