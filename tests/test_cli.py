@@ -180,3 +180,14 @@ def test_python_dash_m_lrquant_is_the_console_script():
     bad = subprocess.run([sys.executable, "-m", "lrquant", "quantize", "--wbits", "9", "--eval", "none"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_recipe_keeps_its_training_schedule_through_the_cli():
+    """The CLI rebuilt ``train`` from four fields, so every ``--recipe best-*`` run silently trained with
+    ``iters 0, constant lr, keep_best off`` instead of the recipe's schedule; an explicit --epochs asks for
+    epoch-counted steps and clears ``iters``."""
+    t = _recipe_from(["--recipe", "best-w3a16g64", "--seed", "3"]).train
+    assert (t.iters, t.lr_schedule, t.keep_best, t.batch_size, t.seed) == (16, "cosine", True, 2, 3)
+    assert t.lr == {"lwc": 0.05, "let": 0.02}
+    t = _recipe_from(["--recipe", "best-w3a16g64", "--epochs", "3", "--lr-let", "0.01"]).train
+    assert (t.iters, t.epochs, t.lr_schedule, t.lr["let"]) == (0, 3, "cosine", 0.01)

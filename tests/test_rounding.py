@@ -4,6 +4,7 @@ with every method and the rotation, leave every weight on its exported grid, and
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -150,3 +151,26 @@ def test_log_scale_parameter_folds_exactly():
     after = block(x, position_embeddings=emb)
     after = after[0] if isinstance(after, tuple) else after
     torch.testing.assert_close(after, before, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["omniquant", "affinequant", "lrquant_plus"])
+def test_rounded_guard_keeps_the_better_of_trained_and_init_after_gptq(method):
+    """``train.guard: rounded`` folds and GPTQ-rounds both the trained and the initial parameters and keeps
+    the lower calibration loss: block 0's weights equal those of the run that trained (guard ``loss``) or of
+    the run that did not (no steps), whichever its note says won, and that note's losses are compared."""
+    fp = tiny_llama(layers=1)
+
+    def run(**train):
+        r = _recipe(method, rounding={"kind": "gptq"}, train=TrainArgs(batch_size=2, **train))
+        return api.quantize(copy.deepcopy(fp), r, CALIB, progress=False)
+
+    judged = run(iters=6, guard="rounded")
+    trained = run(iters=6)
+    untrained = run(epochs=0)
+    _assert_on_grid(judged.model)
+    note = next(n for n in judged.reports[0].notes if n.startswith("guard after rounding"))
+    loss_init, loss_trained = map(float, re.match(r"guard after rounding: init (\S+), trained (\S+);", note).groups())
+    winner = trained if loss_trained < loss_init else untrained
+    assert note.endswith("trained" if winner is trained else "init")
+    for (name, a), (_, b) in zip(judged.model.state_dict().items(), winner.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)

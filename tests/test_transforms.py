@@ -13,7 +13,7 @@ from lrquant import api
 from lrquant.arch import get_mapping
 from lrquant.config import CalibArgs, Recipe, Scheme, TrainArgs
 from lrquant.methods.rtn import RTN
-from lrquant.transforms import fold_block
+from lrquant.transforms import copy_block, fold_block
 
 IDS = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(3))
 
@@ -36,6 +36,26 @@ def test_fold_is_exact_in_float64(case, affine):
     torch.testing.assert_close(temporary, ref, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(folded, ref, atol=1e-6, rtol=1e-6)
     assert not any("parametrizations" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["scale_shift", "affine"])
+def test_a_copied_parametrized_block_folds_independently(affine):
+    """``copy_block``: the copy and the original fold one after the other (``copy.deepcopy`` shares torch's
+    ``Parametrized*`` class, so the second fold used to fail) and both compute the original block."""
+    model = randomize(CASES[0].build(), seed=1).double()
+    block = model.get_submodule(get_mapping(model).blocks)[0]
+    with torch.no_grad():
+        ref = model(IDS, use_cache=False).logits
+        attach_random(model, block, torch.Generator().manual_seed(5), affine)
+        clone = copy_block(block)
+        fold_block(clone)
+        fold_block(block)
+        folded = model(IDS, use_cache=False).logits
+        block_list = model.get_submodule(get_mapping(model).blocks)
+        block_list[0] = clone
+        from_clone = model(IDS, use_cache=False).logits
+    torch.testing.assert_close(folded, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(from_clone, ref, atol=1e-6, rtol=1e-6)
 
 
 def test_wrong_fold_is_detected():

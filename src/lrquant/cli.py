@@ -17,7 +17,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import VALID_BITS, CalibArgs, QuantArgs, Recipe, Scheme, TrainArgs
+from .config import VALID_BITS, CalibArgs, QuantArgs, Recipe, Scheme
 from .errors import ConfigError, DataError, LrquantError
 
 log = logging.getLogger("lrquant")
@@ -125,8 +125,9 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         scheme=_scheme(args, recipe),
         calib=CalibArgs(dataset=args.calib or c.dataset, nsamples=_given(args.nsamples, c.nsamples),
                         seqlen=_given(args.seqlen, c.seqlen), seed=_given(seed, c.seed)),
-        train=TrainArgs(epochs=_given(args.epochs, t.epochs), batch_size=_given(args.batch_size, t.batch_size),
-                        lr=lr, weight_decay=t.weight_decay, seed=_given(seed, t.seed)),
+        # an explicit --epochs asks for epoch-counted steps, so it clears the recipe's fixed step count
+        train=replace(t, epochs=_given(args.epochs, t.epochs), batch_size=_given(args.batch_size, t.batch_size),
+                      lr=lr, seed=_given(seed, t.seed), iters=t.iters if args.epochs is None else 0),
     )
     if args.rotate is not None:
         recipe = recipe.with_rotation(args.rotate)
@@ -388,7 +389,8 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--nsamples", type=int, default=None)
     q.add_argument("--seqlen", type=int, default=None)
     q.add_argument("--seed", type=int, default=None)
-    q.add_argument("--epochs", type=int, default=None)
+    q.add_argument("--epochs", type=int, default=None,
+                   help="passes over the calibration samples per block (clears a recipe's train.iters)")
     q.add_argument("--batch-size", type=int, default=None)
     q.add_argument("--lr-lwc", type=float, default=None, help="learning rate of the clipping factors (1e-2)")
     q.add_argument("--lr-let", type=float, default=None, help="learning rate of the transforms (5e-3)")

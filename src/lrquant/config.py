@@ -246,6 +246,7 @@ class CalibArgs:
 
 LR_GROUPS = ("lwc", "let", "rot", "round", "clip", "kron", "aclip")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+TRAIN_GUARDS = ("loss", "rounded")
 
 
 @dataclass
@@ -259,7 +260,13 @@ class TrainArgs:
     defaults. ``lr_schedule``: ``constant``, ``cosine`` or ``linear`` decay to 0 over the steps.
     ``keep_best``: keep the parameters at which a training batch had the lowest loss (auto-round's rule:
     no extra forward), instead of the last ones; the block is then judged on the full calibration loss
-    against its initialisation as always.
+    against its initialisation as always. ``guard``: what that judgement compares. ``loss``: the
+    training loss (weights fake-quantized to nearest) before and after training. ``rounded``: the block
+    as it will be exported: the trained and the initial parameters are each folded and put through the
+    rounding stage (e.g. GPTQ), and the one with the lower calibration loss is kept; it costs a second
+    rounding pass and two loss passes per block, and makes a learned recipe never worse on a block's
+    calibration loss than the same recipe without training (on Gemma-3-270M W3A16g64, 16 steps of
+    LET/LWC before GPTQ ended 0.8% above GPTQ alone while every training loss fell).
     """
 
     epochs: int = 2
@@ -270,12 +277,14 @@ class TrainArgs:
     iters: int = 0
     lr_schedule: str = "constant"
     keep_best: bool = False
+    guard: str = "loss"
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size <= 0:
             raise ConfigError(f"epochs must be >= 0 and batch_size > 0, got {self.epochs}, {self.batch_size}")
         check_range(self.iters, 0, None, "train.iters")
         check_choice(self.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
+        check_choice(self.guard, TRAIN_GUARDS, "train.guard")
         for name, value in self.lr.items():
             check_choice(name, LR_GROUPS, "train.lr group")
             check_range(value, 0.0, None, f"train.lr.{name}")

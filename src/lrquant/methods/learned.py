@@ -17,8 +17,8 @@ from .. import distributed as ddp
 from ..arch.base import SmoothPair
 from ..losses import combined, massive_token_mask
 from ..quant.observers import MinMaxObserver
-from ..quant.quantizers import UniformQuantizer, quantization_disabled
-from ..transforms import Transform, fold_block
+from ..quant.quantizers import UniformQuantizer, quant_linears, quantization_disabled
+from ..transforms import Transform, copy_block, fold_block
 from .base import Method
 from .rounding import prepare_learned
 
@@ -254,13 +254,51 @@ class LearnedMethod(Method):
         if self.recipe.rounding.kind == "learned":
             prepare_learned(ctx.block)
         groups = self.trainable(ctx, transforms)
+        params = [p for g in groups for p in g["params"]]
+        start = [p.detach().clone() for p in params]
         ctx.report.init_loss, ctx.report.final_loss = self.fit(ctx, targets, groups, transforms)
+        if (self.recipe.train.guard == "rounded" and self.warm_start is None
+                and ctx.report.final_loss < ctx.report.init_loss):
+            self.fold_round_judged(ctx, targets, params, start, transforms)
+        else:
+            fold_block(ctx.block)
+            self.round_weights(ctx)
         if keep_for_tta:
-            self.tta_state[ctx.index]["params"] = [p.detach().cpu().clone() for g in groups for p in g["params"]]
-        fold_block(ctx.block)
-        self.round_weights(ctx)
+            self.tta_state[ctx.index]["params"] = [p.detach().cpu().clone() for p in params]
         self.calibrate_static(ctx)
         self.mask = None
+
+    def fold_round_judged(self, ctx: BlockContext, targets, params: list[torch.Tensor],
+                          start: list[torch.Tensor], transforms: list[Transform]) -> None:
+        """``train.guard: rounded``: fold and round the block twice, with the trained parameters (on a copy)
+        and with ``start`` (the initialisation, in place), and keep the variant whose calibration loss is
+        lower; ``params`` end holding the kept variant's values. The copy is folded first, while ``params``
+        hold the trained values (a copied parametrization may still read the original parameters)."""
+        trained = copy_block(ctx.block)
+        block, ctx.block = ctx.block, trained
+        try:
+            fold_block(trained)
+            self.round_weights(ctx)
+            loss_trained = self.eval_loss(ctx, targets)
+        finally:
+            ctx.block = block
+        kept = [p.detach().clone() for p in params]
+        self._restore(params, start, transforms)
+        fold_block(block)
+        self.round_weights(ctx)
+        loss_init = self.eval_loss(ctx, targets)
+        if loss_trained < loss_init:
+            from ..engine import block_tensors, load_block_tensors
+
+            load_block_tensors(block, block_tensors(trained))  # non-persistent quantizer buffers included
+            errors = {name: lin.quant_error for name, lin in quant_linears(trained).items()}
+            for name, lin in quant_linears(block).items():
+                lin.quant_error = errors[name]
+            self._restore(params, kept, ())
+        else:
+            ctx.report.final_loss = ctx.report.init_loss
+        ctx.report.notes.append(f"guard after rounding: init {loss_init:.4g}, trained {loss_trained:.4g}; kept "
+                                f"{'trained' if loss_trained < loss_init else 'init'}")
 
     def steps(self, ctx: BlockContext) -> tuple[int, int]:
         """``(total optimizer steps, steps between best-iterate checks)`` for this block."""

@@ -105,6 +105,24 @@ def fold_block(block: nn.Module) -> None:
             module.fold_live()
 
 
+def copy_block(block: nn.Module) -> nn.Module:
+    """A deep copy of ``block`` with its parametrizations, which :func:`fold_block` can fold independently.
+
+    ``copy.deepcopy`` of a parametrized module keeps the ``Parametrized*`` class torch made for the original,
+    and removing a parametrization deletes its property from that class, so folding one copy would break
+    the other; each parametrized module of the copy gets a class of its own, with the same attributes.
+    """
+    import copy
+
+    clone = copy.deepcopy(block)
+    for module in clone.modules():
+        if parametrize.is_parametrized(module):
+            cls = type(module)
+            attrs = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+            module.__class__ = type(cls.__name__, cls.__bases__, attrs)
+    return clone
+
+
 def ensure_bias(linear: nn.Linear) -> bool:
     """True when ``linear`` has a bias (shifts need one; we never add a bias the architecture lacks)."""
     return getattr(linear, "bias", None) is not None
