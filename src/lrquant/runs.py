@@ -305,7 +305,11 @@ class RunFolder:
         self._written.add(MODEL)
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        atomic_save_tensors(self.path / name, tensors)
+        self.write_file(name, lambda path: atomic_save_tensors(path, tensors))
+
+    def write_file(self, name: str, write: Callable[[Path], None]) -> None:
+        """``write(path)`` writes the artifact ``name`` (atomically); it counts as this run's."""
+        write(self.path / name)
         self._written.add(name)
 
     def export(self, export_format: str, model: nn.Module, recipe: Recipe, processor: Any,
@@ -518,8 +522,7 @@ def finish_job(folder: RunFolder, model: nn.Module, processor: Any, results: dic
         results["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
     folder.replacing()
     if streamed_qparams is not None:
-        streamed_qparams(folder.path / QPARAMS)
-        folder._written.add(QPARAMS)
+        folder.write_file(QPARAMS, streamed_qparams)
     elif save_model:
         folder.save_model(model, processor, layout)
         qparams = quant_state(model)

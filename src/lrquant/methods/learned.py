@@ -255,10 +255,10 @@ class LearnedMethod(Method):
             prepare_learned(ctx.block)
         groups = self.trainable(ctx, transforms)
         params = [p for g in groups for p in g["params"]]
-        start = [p.detach().clone() for p in params]
+        judge = self.recipe.train.guard == "rounded" and self.warm_start is None
+        start = [p.detach().clone() for p in params] if judge else []
         ctx.report.init_loss, ctx.report.final_loss = self.fit(ctx, targets, groups, transforms)
-        if (self.recipe.train.guard == "rounded" and self.warm_start is None
-                and ctx.report.final_loss < ctx.report.init_loss):
+        if judge and ctx.report.final_loss < ctx.report.init_loss:
             self.fold_round_judged(ctx, targets, params, start, transforms)
         else:
             fold_block(ctx.block)
@@ -287,7 +287,8 @@ class LearnedMethod(Method):
         fold_block(block)
         self.round_weights(ctx)
         loss_init = self.eval_loss(ctx, targets)
-        if loss_trained < loss_init:
+        keep_trained = loss_trained < loss_init
+        if keep_trained:
             from ..engine import block_tensors, load_block_tensors
 
             load_block_tensors(block, block_tensors(trained))  # non-persistent quantizer buffers included
@@ -298,7 +299,7 @@ class LearnedMethod(Method):
         else:
             ctx.report.final_loss = ctx.report.init_loss
         ctx.report.notes.append(f"guard after rounding: init {loss_init:.4g}, trained {loss_trained:.4g}; kept "
-                                f"{'trained' if loss_trained < loss_init else 'init'}")
+                                f"{'trained' if keep_trained else 'init'}")
 
     def steps(self, ctx: BlockContext) -> tuple[int, int]:
         """``(total optimizer steps, steps between best-iterate checks)`` for this block."""

@@ -19,6 +19,7 @@ its weights and activations become easier to quantize.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -112,8 +113,6 @@ def copy_block(block: nn.Module) -> nn.Module:
     and removing a parametrization deletes its property from that class, so folding one copy would break
     the other; each parametrized module of the copy gets a class of its own, with the same attributes.
     """
-    import copy
-
     clone = copy.deepcopy(block)
     for module in clone.modules():
         if parametrize.is_parametrized(module):
