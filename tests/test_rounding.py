@@ -116,6 +116,23 @@ def test_iters_schedule_and_keep_best():
     assert len(rep.losses) == 5          # checks every max(1, 5 // 8) = 1 step
 
 
+def test_sign_optimizer_moves_each_parameter_by_its_lr():
+    from lrquant.methods.learned import SignSGD
+
+    p = torch.nn.Parameter(torch.tensor([0.0, 1.0, -2.0]))
+    q = torch.nn.Parameter(torch.tensor([0.5]))
+    opt = SignSGD([{"params": [p], "lr": 0.1}, {"params": [q], "lr": 0.01}])
+    (p * torch.tensor([3.0, -1e-6, 0.0])).sum().backward()       # no gradient at all on q
+    opt.step()
+    assert p.tolist() == pytest.approx([-0.1, 1.1, -2.0]) and q.item() == 0.5
+    r = _recipe("omniquant", wbits=2, rounding={"kind": "learned"},
+                train=TrainArgs(iters=4, batch_size=2, optimizer="sign", lr_schedule="linear",
+                                lr={"round": 0.25, "lwc": 0.05}))
+    res = api.quantize(tiny_llama(layers=1), r, CALIB, progress=False)
+    _assert_on_grid(res.model)
+    assert res.reports[0].final_loss <= res.reports[0].init_loss
+
+
 def test_massive_token_mask_and_masked_losses():
     t = torch.ones(2, 6, 4)
     t[:, 0] *= 100.0                     # a sink token per sample

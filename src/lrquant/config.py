@@ -247,6 +247,7 @@ class CalibArgs:
 LR_GROUPS = ("lwc", "let", "rot", "round", "clip", "kron", "aclip")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 TRAIN_GUARDS = ("loss", "rounded")
+OPTIMIZERS = ("adamw", "sign")
 
 
 @dataclass
@@ -266,7 +267,12 @@ class TrainArgs:
     rounding stage (e.g. GPTQ), and the one with the lower calibration loss is kept; it costs a second
     rounding pass and two loss passes per block, and makes a learned recipe never worse on a block's
     calibration loss than the same recipe without training (Gemma-3-270M W3A16g64, ``best-w3a16g64``:
-    37.58 -> 37.36, 17% more calibration time; README "Against GPTQ and auto-round").
+    37.58 -> 37.36, 17% more calibration time; README "Against GPTQ and auto-round"). With a rounding
+    stage that keeps the codes training fake-quantized to (``rtn``, ``learned``) the rounded loss is the
+    training loss, so ``rounded`` is ``loss`` there and costs nothing extra. ``optimizer``: ``adamw``, or
+    ``sign`` (signed gradient descent, ``p -= lr * sign(grad)``, auto-round's SignSGD: every parameter
+    moves by exactly its lr per step, so the schedule bounds how far it can travel; with the ``linear``
+    schedule and a ``round`` lr of ``1 / iters`` a rounding offset can cross half its range).
     """
 
     epochs: int = 2
@@ -278,6 +284,7 @@ class TrainArgs:
     lr_schedule: str = "constant"
     keep_best: bool = False
     guard: str = "loss"
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size <= 0:
@@ -285,6 +292,7 @@ class TrainArgs:
         check_range(self.iters, 0, None, "train.iters")
         check_choice(self.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
         check_choice(self.guard, TRAIN_GUARDS, "train.guard")
+        check_choice(self.optimizer, OPTIMIZERS, "train.optimizer")
         for name, value in self.lr.items():
             check_choice(name, LR_GROUPS, "train.lr group")
             check_range(value, 0.0, None, f"train.lr.{name}")

@@ -405,7 +405,7 @@ def check_format(recipe: Recipe, export_format: str | None) -> None:
     if recipe.scheme.weights is None:
         raise ConfigError(f"scheme {recipe.scheme.name()} quantizes no weights: {export_format} has no "
                           "activation-only format")
-    if recipe.rotation is not None:
+    if recipe.rotation is not None and export_format == "gguf":  # compressed-tensors: a transform_config
         raise ConfigError(f"--format {export_format} cannot carry the online Hadamard rotation of --rotate; "
                           "drop one of them")
     from .methods import get_method

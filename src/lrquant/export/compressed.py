@@ -29,18 +29,28 @@ Asymmetric ``pack-quantized`` zero points come in two layouts (:data:`LAYOUTS`; 
   be refused there, and an unpacked int32 one silently misread. ``CompressedTensorsConfig(dequantize=True)``
   loads both layouts.
 
+Online Hadamards of the rotation pre-step (``--rotate``: an :class:`~lrquant.quant.hadamard.OnlineHadamard`
+``input_transform`` on each MLP down_proj, and on o_proj with ``online_value``) are written as the config's
+``transform_config`` plus one stored matrix per linear (:mod:`lrquant.export.transforms`, which says how
+compressed-tensors and vLLM read them). transformers 5.24's ``from_pretrained`` ignores a
+``transform_config`` (the load report lists the stored matrices as unexpected keys): :func:`load_compressed`
+applies it.
+
 Not representable, hence refused or dropped with a warning:
 
-* unfolded transforms (tensors still parametrized), online ops (a QuantLinear ``input_transform``, or
-  ``online_ops`` declared by the method): refused — fold them first;
+* unfolded transforms (tensors still parametrized), any other online op (a QuantLinear ``input_transform``
+  that is not an ``OnlineHadamard``, e.g. a Kronecker ``OnlineKron``; a learned activation clip ratio;
+  ``online_ops`` declared by the method for no carried Hadamard): refused — fold them first;
 * per-token dynamic KV-cache quantization: compressed-tensors' KV schemes reduce over the sequence, so
   the export omits it (warning) and loaders run the KV cache in full precision.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -52,6 +62,15 @@ from ..errors import ConfigError, LrquantError
 from ..io import atomic_dir
 from ..quant.primitives import as_rows, signed_offset
 from ..quant.quantizers import QuantLinear
+from .transforms import (
+    LOCATION,
+    apply_online_transforms,
+    ct_transform_config,
+    online_groups,
+    online_hadamards,
+    read_transform_config,
+    transform_tensors,
+)
 
 # Maximum distance of ``weight / scale + zero_point`` from an integer for the codes to count as exact.
 INTEGRAL_TOL = 1e-3
@@ -106,29 +125,36 @@ def ct_config(scheme: Scheme, ignore: list[str]):
 
 
 # ---- checks --------------------------------------------------------------------------------------------
-def unfolded_transforms(model: nn.Module) -> list[str]:
+def unfolded_transforms(model: nn.Module, carried: Collection[str] = ()) -> list[str]:
     """What the checkpoint cannot express, one ``"<module> (<why>)"`` each: tensors still parametrized by a
-    transform (not folded), or an online ``input_transform`` on a QuantLinear (the one kind of module an
+    transform (not folded), an online ``input_transform`` on a QuantLinear (the one kind of module an
     lrquant model keeps in its inference graph; what a method leaves that no module shows, it declares in
-    ``online_ops``)."""
+    ``online_ops``) unless the module is in ``carried``, or a learned activation clip ratio."""
     bad = []
     for name, module in model.named_modules():
         where = name or "<root>"
         if parametrize.is_parametrized(module):
             bad.append(f"{where} (parametrized {', '.join(module.parametrizations)}: transform not folded)")
-        if getattr(module, "input_transform", None) is not None:
+        if getattr(module, "input_transform", None) is not None and name not in carried:
             bad.append(f"{where} (online input transform {type(module.input_transform).__name__})")
+        if getattr(getattr(module, "input_quantizer", None), "act_clip", None) is not None:
+            bad.append(f"{where} (learned activation clip ratio: no compressed-tensors field)")
     return bad
 
 
-def check_exportable(model: nn.Module, scheme: Scheme, online_ops: list[str] | tuple[str, ...] = ()
-                     ) -> dict[str, QuantLinear]:
+def check_exportable(model: nn.Module, scheme: Scheme, online_ops: list[str] | tuple[str, ...] = (),
+                     carry_online: bool = False) -> dict[str, QuantLinear]:
     """Frozen QuantLinears to compress, by name; raises :class:`ExportError` with one line otherwise.
 
     ``online_ops``: ops a method declared it leaves in the inference graph (``QuantizeResult.online_ops``);
-    any makes the model unexportable, like the markers :func:`unfolded_transforms` finds.
+    any makes the model unexportable, like the markers :func:`unfolded_transforms` finds, except, with
+    ``carry_online``, the rotation pre-step's online Hadamards (``<linear>.input_transform`` holding an
+    :class:`~lrquant.quant.hadamard.OnlineHadamard`), which the compressed-tensors export writes as a
+    ``transform_config``.
     """
-    bad = [*unfolded_transforms(model), *(f"{op} (declared online)" for op in online_ops)]
+    carried = set(online_hadamards(model)) if carry_online else set()
+    declared = [op for op in online_ops if op.removesuffix(".input_transform") not in carried]
+    bad = [*unfolded_transforms(model, carried), *(f"{op} (declared online)" for op in declared)]
     if bad:
         raise ExportError(f"fold transforms before export; still online: {', '.join(bad[:5])}"
                           + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
@@ -271,8 +297,9 @@ def _linear_names(model: nn.Module) -> list[str]:
 def export_state_dict(model: nn.Module, scheme: Scheme, dtype: torch.dtype | None = None,
                       online_ops: list[str] | tuple[str, ...] = (), layout: str = LAYOUTS[0]
                       ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Full compressed state dict of ``model`` and the names of linears left dense (the ``ignore`` list)."""
-    quant = check_exportable(model, scheme, online_ops)
+    """Full compressed state dict of ``model`` and the names of linears left dense (the ``ignore`` list).
+    The online Hadamards' matrices are not in it (:func:`lrquant.export.transforms.transform_tensors`)."""
+    quant = check_exportable(model, scheme, online_ops, carry_online=True)
     sd: dict[str, torch.Tensor] = {}
     cast: dict[int, torch.Tensor] = {}  # by data_ptr: tied tensors stay one tensor (saved once)
     for key, value in model.state_dict().items():
@@ -330,7 +357,9 @@ def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tok
     identical to the in-memory ones); ``torch.float16`` / ``bfloat16`` casts dense tensors and scales.
     The folder (``model.safetensors``, ``config.json`` with ``quantization_config``, generation config,
     tokenizer files, and ``lrquant_export.json``) is written to a temporary sibling and renamed into place.
-    Refuses (:class:`ExportError`) while transforms are unfolded or ``online_ops`` is not empty.
+    The rotation pre-step's online Hadamards go in ``quantization_config.transform_config`` with their
+    matrices (:mod:`lrquant.export.transforms`); any other online op or unfolded transform, or an entry of
+    ``online_ops`` that is not one of those Hadamards, is refused (:class:`ExportError`).
     ``layout``: where asymmetric pack-quantized zero points go (:data:`LAYOUTS`): ``"transformers"`` (plain
     ``from_pretrained`` loads it) or ``"vllm"`` (the compact layout vLLM reads). Returns ``out_dir``.
     """
@@ -345,11 +374,15 @@ def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tok
                       stacklevel=2)
     sd, ignore = export_state_dict(model, scheme, dtype, online_ops, layout)
     config = ct_config(scheme, ignore)
+    groups = online_groups(online_hadamards(model))
+    if groups:
+        sd.update(transform_tensors(groups, dtype or _float_dtype(model)))
     if out.is_file():
         raise ExportError(f"export target {out} is a file")
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, state_dict=sd)
-        ModelCompressor(quantization_config=config).update_config(str(tmp))
+        ModelCompressor(quantization_config=config,
+                        transform_config=ct_transform_config(groups) if groups else None).update_config(str(tmp))
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
         if dtype is not None:
@@ -365,6 +398,8 @@ def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tok
             "quantized_linears": sum(1 for k in sd if k.endswith(".weight_scale")),
             "dense_linears": sorted(ignore),
             "kv_cache_omitted": scheme.kv_cache is not None,
+            "online_transforms": [{"group": g.name, "type": g.kind, "location": LOCATION, **g.spec,
+                                   "linears": len(g.targets)} for g in groups],
         }
         (tmp / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2) + "\n")
     return out
@@ -376,7 +411,9 @@ def load_compressed(path: str | Path, **kwargs):
     This is the plain path a user takes (plus ``dtype="auto"`` unless given): compressed-tensors
     decompresses the weights on the first forward and applies any activation quantization in each linear's
     forward. Only asymmetric exports written with ``layout="vllm"`` (see the module docstring) go through
-    ``CompressedTensorsConfig(dequantize=True)``, which transformers needs for that layout.
+    ``CompressedTensorsConfig(dequantize=True)``, which transformers needs for that layout. A
+    ``transform_config`` (online Hadamards), which ``from_pretrained`` ignores, is then applied with its
+    stored matrices (:func:`lrquant.export.transforms.apply_online_transforms`).
     """
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
@@ -384,9 +421,42 @@ def load_compressed(path: str | Path, **kwargs):
     sidecar = Path(path) / SIDECAR_NAME
     if sidecar.is_file() and json.loads(sidecar.read_text()).get("zero_point_layout") == "vllm":
         kwargs.setdefault("quantization_config", CompressedTensorsConfig(dequantize=True))
+    transform_config = read_transform_config(path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*already has a `quantization_config`.*")
-        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        if not transform_config:
+            return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        # transformers' load report would list the transform matrices as unexpected keys (it does not
+        # know them; apply_online_transforms loads them): report only what else it found
+        with _transformers_verbosity_error():
+            model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    names = list(transform_config.get("config_groups", {}))
+    unexpected = [k for k in info.get("unexpected_keys", ())
+                  if not any(f".{n}_" in k for n in names)]
+    missing = list(info.get("missing_keys", ()))
+    if unexpected or missing:
+        warnings.warn(f"{path}: loading found missing keys {sorted(missing)[:5]} and unexpected keys "
+                      f"{sorted(unexpected)[:5]}", stacklevel=2)
+    apply_online_transforms(model, path, transform_config)
+    return model
+
+
+@contextlib.contextmanager
+def _transformers_verbosity_error() -> Iterator[None]:
+    """transformers' logging at error level meanwhile (its load report is a warning)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of ``model``'s first floating-point parameter (float32 if none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def dir_size_bytes(path: str | Path, suffix: str = ".safetensors") -> int:

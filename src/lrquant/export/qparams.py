@@ -161,6 +161,10 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, dtype: tor
             tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
         except (OSError, ValueError, SafetensorError) as exc:
             raise LrquantError(f"cannot read the saved model in {run_dir}: {str(exc).splitlines()[0]}") from exc
+        if results.get("rotation"):  # the rotation's online Hadamards: exported, or refused by GGUF
+            from ..transforms.rotation import attach_online
+
+            attach_online(model, results["rotation"]["online"])
         restore_quant_state(model, recipe, qparams)
         if export_format == "gguf":
             from .gguf import export_gguf

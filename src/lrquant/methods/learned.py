@@ -20,7 +20,7 @@ from ..quant.observers import MinMaxObserver
 from ..quant.quantizers import UniformQuantizer, quant_linears, quantization_disabled
 from ..transforms import Transform, copy_block, fold_block
 from .base import Method
-from .rounding import prepare_learned
+from .rounding import moves_codes, prepare_learned
 
 if TYPE_CHECKING:
     from ..engine import BlockContext
@@ -92,6 +92,21 @@ def smooth_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float
     """SmoothQuant: ``s = max|X|^alpha / max|W|^(1 - alpha)``, clamped to ``[1e-5, 1e5]``."""
     s = act_absmax.clamp_min(1e-5).pow(alpha) / w_absmax.clamp_min(1e-5).pow(1 - alpha)
     return s.clamp(1e-5, 1e5)
+
+
+class SignSGD(torch.optim.Optimizer):
+    """Signed gradient descent, ``p -= lr * sign(grad)`` (auto-round's optimizer for rounding offsets and
+    clip factors): each step moves every parameter with a non-zero gradient by exactly its group's lr."""
+
+    def __init__(self, params, lr: float = 1e-3) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:  # noqa: ARG002  (the Optimizer signature)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
 
 
 @dataclass
@@ -255,7 +270,9 @@ class LearnedMethod(Method):
             prepare_learned(ctx.block)
         groups = self.trainable(ctx, transforms)
         params = [p for g in groups for p in g["params"]]
-        judge = self.recipe.train.guard == "rounded" and self.warm_start is None
+        # the rounded guard only differs from the loss guard when rounding moves codes after training
+        judge = (self.recipe.train.guard == "rounded" and moves_codes(self.recipe.rounding.kind)
+                 and self.warm_start is None)
         start = [p.detach().clone() for p in params] if judge else []
         ctx.report.init_loss, ctx.report.final_loss = self.fit(ctx, targets, groups, transforms)
         if judge and ctx.report.final_loss < ctx.report.init_loss:
@@ -326,8 +343,9 @@ class LearnedMethod(Method):
             return True, None
         train = ctx.recipe.train
         base = [g["lr"] * scale_lr for g in groups]
-        opt = torch.optim.AdamW([{**g, "lr": lr} for g, lr in zip(groups, base, strict=True)],
-                                weight_decay=train.weight_decay)
+        param_groups = [{**g, "lr": lr} for g, lr in zip(groups, base, strict=True)]
+        opt = (SignSGD(param_groups) if train.optimizer == "sign"
+               else torch.optim.AdamW(param_groups, weight_decay=train.weight_decay))
         per_epoch = max(1, total if train.iters else total // max(train.epochs, 1))
         epochs = math.ceil(total / per_epoch)
         best = (math.inf, []) if train.keep_best else None

@@ -25,16 +25,26 @@ if TYPE_CHECKING:
 
 RoundingStage = Callable[["BlockContext", RoundingArgs], None]
 ROUNDINGS: dict[str, RoundingStage] = {}
+MOVES_CODES: set[str] = set()
 
 
-def register_rounding(kind: str) -> Callable[[RoundingStage], RoundingStage]:
-    """Decorator: make ``fn(ctx, args)`` the stage for ``rounding.kind == kind``."""
+def register_rounding(kind: str, moves_codes: bool = False) -> Callable[[RoundingStage], RoundingStage]:
+    """Decorator: make ``fn(ctx, args)`` the stage for ``rounding.kind == kind``. ``moves_codes``: the
+    stage picks codes other than the ones the training forward fake-quantized to (GPTQ), so the block's
+    loss after rounding differs from its training loss."""
 
     def deco(fn: RoundingStage) -> RoundingStage:
         ROUNDINGS[kind] = fn
+        if moves_codes:
+            MOVES_CODES.add(kind)
         return fn
 
     return deco
+
+
+def moves_codes(kind: str) -> bool:
+    """True if rounding stage ``kind`` changes codes after training (see :func:`register_rounding`)."""
+    return kind in MOVES_CODES
 
 
 def get_rounding(kind: str) -> RoundingStage:

@@ -93,7 +93,7 @@ def _collect_hessians(ctx: BlockContext, targets: dict[str, QuantLinear],
             h.remove()
 
 
-@register_rounding("gptq")
+@register_rounding("gptq", moves_codes=True)
 @torch.no_grad()
 def round_gptq(ctx: BlockContext, args: RoundingArgs) -> None:
     """GPTQ on every linear of the block, group by group (see the module docstring)."""
