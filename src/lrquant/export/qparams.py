@@ -25,10 +25,12 @@ def quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The frozen quantization parameters (``<linear>.weight_scale / .weight_zero_point`` ``[rows, 1]`` or
     ``[rows, groups]``, static ``<linear>.input_scale / .input_zero_point``) that export needs beside the
     fake-quant weights, and what the inference graph keeps beside the weights: the learned online ops'
-    factors (``<linear>.input_transform.factor<j>`` ``[d_j, d_j]``, :class:`~lrquant.transforms.OnlineKron`)
-    and learned activation clip logits (``<linear>.input_clip`` ``[1, 1]``)."""
+    factors (``<linear>.input_transform.factor<j>`` ``[d_j, d_j]``, :class:`~lrquant.transforms.OnlineKron`;
+    ``<attention>.attn_quantizer.input_transform.{k,q}factor<j>`` ``[KV, d_j, d_j]``, the per-head q/k op
+    :class:`~lrquant.transforms.kron.OnlineQK`) and learned activation clip logits (``<linear>.input_clip``
+    ``[1, 1]``)."""
     from ..quant.quantizers import quant_linears
-    from ..transforms.kron import OnlineKron
+    from ..transforms.kron import OnlineKron, OnlineQK
 
     out = {}
     for name, m in quant_linears(model).items():
@@ -41,6 +43,9 @@ def quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
                 out[f"{name}.input_transform.factor{j}"] = f.detach().contiguous()
         if m.input_quantizer is not None and m.input_quantizer.act_clip is not None:
             out[f"{name}.input_clip"] = m.input_quantizer.act_clip.detach().clone()
+    for name, m in model.named_modules():
+        if isinstance(m, OnlineQK):
+            out.update({f"{name}.{k}": v for k, v in m.tensors().items()})
     return out
 
 
@@ -67,12 +72,22 @@ def restore_online(ql: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -
 
 def restore_quant_state(model: nn.Module, recipe: Recipe, tensors: dict[str, torch.Tensor]) -> None:
     r"""Wrap ``model``'s mapped linears in frozen :class:`QuantLinear`\ s from :func:`quant_state` output
-    (a run folder's fake-quant ``model/`` plus its ``qparams.safetensors``)."""
+    (a run folder's fake-quant ``model/`` plus its ``qparams.safetensors``); with a quantized KV cache, give
+    every attention its fake quantizers (dynamic: nothing stored) and the q/k online op when one was saved."""
     from ..arch.base import get_mapping, set_submodule
+    from ..quant.attention import AttentionQuantizer, enable_attention_quantization
     from ..quant.quantizers import QuantLinear
+    from ..transforms.kron import restore_online_qk
 
     mapping = get_mapping(model)
+    kv = recipe.scheme.kv_cache
+    if kv is not None:
+        enable_attention_quantization(model)
     for block_name, block in mapping.block_list(model):
+        if kv is not None:
+            attn = block.get_submodule(mapping.attention)
+            attn.attn_quantizer = AttentionQuantizer(kv)
+            restore_online_qk(attn.attn_quantizer, f"{block_name}.{mapping.attention}.attn_quantizer", tensors)
         for path in mapping.linears():
             name = f"{block_name}.{path}"
             ql = QuantLinear(block.get_submodule(path), recipe.scheme.weights, recipe.scheme.input_activations)

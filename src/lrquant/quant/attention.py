@@ -30,7 +30,9 @@ ATTN_IMPL = "lrquant"
 
 class AttentionQuantizer(nn.Module):
     """Fake quantizers for Q, K (after RoPE), V (``kv_args``; ``None``: left in full precision) and,
-    optionally, the softmax output ``probs`` (any module ``[B, H, Lq, Lk] -> same``)."""
+    optionally, the softmax output ``probs`` (any module ``[B, H, Lq, Lk] -> same``). ``input_transform``:
+    an online op ``(query, key) -> (query', key')`` with ``query' key'^T = query key^T`` run before the
+    quantizers (kronquant's per-head q/k transform, :class:`~lrquant.transforms.kron.OnlineQK`), or ``None``."""
 
     def __init__(self, kv_args: QuantArgs | None, probs: nn.Module | None = None) -> None:
         super().__init__()
@@ -38,10 +40,14 @@ class AttentionQuantizer(nn.Module):
         self.k = UniformQuantizer(kv_args) if kv_args is not None else None
         self.v = UniformQuantizer(kv_args) if kv_args is not None else None
         self.probs = probs
+        self.input_transform: nn.Module | None = None
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``query [B, H, L, D]``, ``key/value [B, KV, L, D]`` -> the same, transformed and fake-quantized."""
+        if self.input_transform is not None:
+            query, key = self.input_transform(query, key)
         if self.q is None:
             return query, key, value
         return self.q(query), self.k(key), self.v(value)

@@ -15,6 +15,11 @@ o_proj's input ``[H * D]`` with ``P_d [D, D]`` folded into v's rows (every kv he
 ``b_v,h <- b_v,h P_d``; exact under GQA and attention, which mix value vectors over tokens only) and only
 ``P_h [H, H]`` (across heads) online: ``x -> x (P_h (x) I_D)``; ``W_o <- W_o P^-T``.
 
+At the q/k pair (scores ``q k^T`` after RoPE, what a quantized KV cache stores) nothing folds: RoPE sits
+between k_proj and the cache. There the transform is per kv head and entirely online (:class:`OnlineQK`,
+:class:`QKKron`): ``k -> k P_g``, ``q -> q P_g^-T`` for the query heads of group ``g``, ``P_g = P1_g (x) P2_g``
+over ``head_dim`` (64 = 8 x 8), before the Q/K fake quantizers; ``(q P^-T)(k P)^T = q k^T``.
+
 Invertibility by construction: each factor is ``U diag(exp(s)) V^T`` with ``U = exp(A - A^T)``,
 ``V = exp(B - B^T)`` orthogonal (matrix exponentials of skew-symmetric matrices), so its inverse is
 ``V diag(exp(-s)) U^T`` exactly, never a solve; the identity at initialisation (``A = B = 0``, ``s = 0``,
@@ -53,33 +58,35 @@ def kron_sizes(n: int) -> tuple[int, int]:
 
 class SVDFactor(nn.Module):
     """One invertible factor ``F = U diag(exp(s)) V^T [d, d]`` (``U``, ``V`` orthogonal, see module
-    docstring). ``log_diag``: the initial ``s [d]`` (zeros: the identity)."""
+    docstring), or ``heads`` independent ones ``[heads, d, d]`` (``heads > 0``: one per kv head).
+    ``log_diag``: the initial ``s`` (``[d]``, or ``[heads, d]``; ``None``: zeros, the identity)."""
 
-    def __init__(self, d: int, log_diag: torch.Tensor | None = None) -> None:
+    def __init__(self, d: int, log_diag: torch.Tensor | None = None, heads: int = 0) -> None:
         super().__init__()
-        self.u = nn.Parameter(torch.zeros(d, d))
-        self.v = nn.Parameter(torch.zeros(d, d))
-        self.s = nn.Parameter(torch.zeros(d) if log_diag is None else log_diag.detach().float().clone())
+        batch = (heads,) if heads else ()
+        self.u = nn.Parameter(torch.zeros(*batch, d, d))
+        self.v = nn.Parameter(torch.zeros(*batch, d, d))
+        self.s = nn.Parameter(torch.zeros(*batch, d) if log_diag is None else log_diag.detach().float().clone())
 
     def _parts(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(U, V, s)`` computed in float64 for a float64 ``dtype``, else in float32 with autocast off
         (a bf16 matrix exponential's backward overflows), then cast to ``dtype``."""
         work = torch.float64 if dtype == torch.float64 else torch.float32
         with torch.autocast(self.u.device.type, enabled=False):
-            u, v = (torch.linalg.matrix_exp(a.to(work) - a.to(work).T) for a in (self.u, self.v))
+            u, v = (torch.linalg.matrix_exp(a.to(work) - a.to(work).mT) for a in (self.u, self.v))
             return u, v, self.s.to(work)
 
     def matrix(self, dtype: torch.dtype) -> torch.Tensor:
-        """``F [d, d]`` in ``dtype``."""
+        """``F [d, d]`` (``[heads, d, d]``) in ``dtype``."""
         u, v, s = self._parts(dtype)
         with torch.autocast(self.u.device.type, enabled=False):
-            return ((u * s.exp()[None, :]) @ v.T).to(dtype)
+            return ((u * s.exp()[..., None, :]) @ v.mT).to(dtype)
 
     def inverse(self, dtype: torch.dtype) -> torch.Tensor:
-        """``F^-1 [d, d] = V diag(exp(-s)) U^T`` in ``dtype`` (exact, no solve)."""
+        """``F^-1 [d, d] = V diag(exp(-s)) U^T`` (``[heads, d, d]``) in ``dtype`` (exact, no solve)."""
         u, v, s = self._parts(dtype)
         with torch.autocast(self.u.device.type, enabled=False):
-            return ((v * (-s).exp()[None, :]) @ u.T).to(dtype)
+            return ((v * (-s).exp()[..., None, :]) @ u.mT).to(dtype)
 
 
 class OnlineKron(OnlineOp):
@@ -152,6 +159,124 @@ def install_online(block: nn.Module, pair: SmoothPair, mapping: ArchMapping, con
     return ops
 
 
+def head_kron_apply(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """``x [B, KV, M, d0 * d1] -> x (F0_g (x) F1_g)`` per head ``g`` (``F_j [KV, d_j, d_j]``): two small
+    batched GEMMs, ``d0 + d1`` multiply-adds per element. Computed in ``x.dtype``."""
+    f0, f1 = (f.to(device=x.device, dtype=x.dtype) for f in factors)
+    y = x.reshape(*x.shape[:-1], f0.shape[-1], f1.shape[-1])
+    y = torch.einsum("bkmij,kia->bkmaj", y, f0)
+    return torch.einsum("bkmaj,kjc->bkmac", y, f1).reshape(x.shape)
+
+
+class OnlineQK(OnlineOp):
+    """Online op on the attention scores' operands after RoPE, per kv head ``g``:
+    ``key [B, KV, L, D] -> key P_g`` and ``query [B, H, L, D] -> query P_g^-T`` (each query head with the
+    kv head of its GQA group), ``P_g = F0_g (x) F1_g`` with ``D = d0 d1`` (:func:`kron_sizes`), so
+    ``q k^T`` is unchanged. Held as the :class:`~lrquant.quant.attention.AttentionQuantizer`'s
+    ``input_transform`` (run before the Q/K fake quantizers). Persistent buffers ``kfactor0``,
+    ``kfactor1`` (``[KV, d_j, d_j]``: ``P``'s factors, applied to keys) and ``qfactor0``, ``qfactor1``
+    (``P^-T``'s factors, applied to queries), identity until learned; ``live``: while a block trains, a
+    function ``dtype -> (key factors, query factors)`` computing them from :class:`QKKron`'s parameters."""
+
+    NAMES = ("kfactor0", "kfactor1", "qfactor0", "qfactor1")
+
+    def __init__(self, heads: int, head_dim: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        for name, d in zip(self.NAMES, kron_sizes(head_dim) * 2, strict=True):
+            self.register_buffer(name, torch.eye(d, dtype=dtype).repeat(heads, 1, 1))
+        self.live: Callable[[torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
+
+    def factors(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``([F0 [KV, d0, d0], F1], [F0^-T, F1^-T])`` in ``dtype``."""
+        if self.live is not None:
+            return self.live(dtype)
+        k0, k1, q0, q1 = (getattr(self, n).to(dtype) for n in self.NAMES)
+        return [k0, k1], [q0, q1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The factors by buffer name (``[KV, d_j, d_j]``, the buffers' dtype; computed while ``live``)."""
+        kf, qf = self.factors(self.kfactor0.dtype)
+        return {n: f.detach().contiguous() for n, f in zip(self.NAMES, [*kf, *qf], strict=True)}
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(query [B, H, L, D], key [B, KV, L, D]) -> (query P^-T, key P)``, same shapes."""
+        kf, qf = self.factors(query.dtype)
+        b, kv = key.shape[:2]
+        q = head_kron_apply(query.reshape(b, kv, -1, query.shape[-1]), qf)  # a group's heads are adjacent
+        return q.reshape(query.shape), head_kron_apply(key, kf)
+
+    @torch.no_grad()
+    def fold_live(self) -> None:
+        if self.live is None:
+            return
+        kf, qf = self.live(torch.float64)
+        for name, f in zip(self.NAMES, [*kf, *qf], strict=True):
+            buf = getattr(self, name)
+            buf.copy_(f.to(device=buf.device, dtype=buf.dtype))
+        self.live = None
+
+    def extra_repr(self) -> str:
+        heads, d0, _ = self.kfactor0.shape
+        return f"heads={heads}, sizes=({d0}, {self.kfactor1.shape[-1]})"
+
+
+def install_online_qk(block: nn.Module, mapping: ArchMapping, config) -> OnlineQK:
+    """Give ``block``'s attention quantizer (set up for a quantized KV cache) its :class:`OnlineQK`
+    (identity; idempotent). Structure only (a resumed block's tensors are then loaded into it)."""
+    quantizer = getattr(block.get_submodule(mapping.attention), "attn_quantizer", None)
+    if quantizer is None:
+        raise ValueError("the q/k online op needs the attention quantizer of a quantized KV cache")
+    if not isinstance(quantizer.input_transform, OnlineQK):
+        _, kv, hd = mapping.heads(config, block)
+        weight = block.get_submodule(mapping.q).weight
+        quantizer.input_transform = OnlineQK(kv, hd, dtype=weight.dtype).to(weight.device)
+    return quantizer.input_transform
+
+
+def restore_online_qk(quantizer: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Put back the :class:`OnlineQK` whose buffers ``tensors`` hold as ``<name>.input_transform.<buffer>``
+    (``name``: the attention quantizer's path); nothing when they are absent."""
+    keys = [f"{name}.input_transform.{n}" for n in OnlineQK.NAMES]
+    if keys[0] not in tensors:
+        return
+    k0, k1 = tensors[keys[0]], tensors[keys[1]]
+    op = OnlineQK(k0.shape[0], k0.shape[-1] * k1.shape[-1], dtype=k0.dtype)
+    with torch.no_grad():
+        for n, key in zip(OnlineQK.NAMES, keys, strict=True):
+            getattr(op, n).copy_(tensors[key])
+    quantizer.input_transform = op
+
+
+class QKKron(Transform):
+    """Learnable ``P_g = P1_g (x) P2_g`` per kv head on the queries and keys after RoPE (see
+    :class:`OnlineQK`): nothing folds (RoPE sits between k_proj and ``P``), the whole transform is the
+    online op. ``log_diag``: initial ``log`` diagonals ``([KV, d1], [KV, d2])`` (``None``: the identity)."""
+
+    def __init__(self, mapping: ArchMapping, config, block: nn.Module,
+                 log_diag: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        super().__init__(SmoothPair(mapping.q, (mapping.k,), "qk"), mapping)
+        self.config = config
+        _, kv, hd = mapping.heads(config, block)
+        inits = log_diag if log_diag is not None else (None, None)
+        self.factor_modules = nn.ModuleList(SVDFactor(d, s, heads=kv)
+                                            for d, s in zip(kron_sizes(hd), inits, strict=True))
+
+    def learnable(self) -> dict[str, list[nn.Parameter]]:
+        return {"kron": list(self.parameters())}
+
+    def factors(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``([P1, P2], [P1^-T, P2^-T])``, each ``[KV, d_j, d_j]`` in ``dtype``."""
+        return ([f.matrix(dtype) for f in self.factor_modules],
+                [f.inverse(dtype).mT for f in self.factor_modules])
+
+    def attach(self, block: nn.Module) -> None:
+        install_online_qk(block, self.mapping, self.config).live = self.factors
+
+    def extra_repr(self) -> str:
+        heads, d1 = self.factor_modules[0].s.shape
+        return f"qk after RoPE: {heads} kv heads, P {d1}x{self.factor_modules[1].s.shape[-1]}"
+
+
 class KronAffine(Transform):
     """Learnable ``P = P1 (x) P2`` (or ``P_h (x) P_d`` at ``heads``) for one pair, see the module docstring.
     ``log_diag``: initial ``log`` diagonals per factor (``None``: the identity). ``block``: the block the
@@ -208,4 +333,5 @@ class KronAffine(Transform):
         return f"{self.pair.kind}: {self.pair.prev} -> {', '.join(self.pair.nexts)}, P {sizes}"
 
 
-__all__ = ["KRON_KINDS", "KronAffine", "OnlineKron", "SVDFactor", "install_online", "kron_sizes"]
+__all__ = ["KRON_KINDS", "KronAffine", "OnlineKron", "OnlineQK", "QKKron", "SVDFactor", "head_kron_apply",
+           "install_online", "install_online_qk", "kron_sizes", "restore_online_qk"]
