@@ -187,7 +187,8 @@ def test_a_recipe_keeps_its_training_schedule_through_the_cli():
     ``iters 0, constant lr, keep_best off`` instead of the recipe's schedule; an explicit --epochs asks for
     epoch-counted steps and clears ``iters``."""
     t = _recipe_from(["--recipe", "best-w3a16g64", "--seed", "3"]).train
-    assert (t.iters, t.lr_schedule, t.keep_best, t.batch_size, t.seed) == (16, "cosine", True, 2, 3)
-    assert t.lr == {"lwc": 0.05, "let": 0.02}
+    assert (t.iters, t.lr_schedule, t.keep_best, t.batch_size, t.seed, t.optimizer) == (50, "linear", True, 4, 3,
+                                                                                      "sign")
+    assert t.lr == {"lwc": 0.02, "round": 0.02}
     t = _recipe_from(["--recipe", "best-w3a16g64", "--epochs", "3", "--lr-let", "0.01"]).train
-    assert (t.iters, t.epochs, t.lr_schedule, t.lr["let"]) == (0, 3, "cosine", 0.01)
+    assert (t.iters, t.epochs, t.lr_schedule, t.lr["let"]) == (0, 3, "linear", 0.01)
