@@ -266,7 +266,7 @@ class TrainArgs:
     as it will be exported: the trained and the initial parameters are each folded and put through the
     rounding stage (e.g. GPTQ), and the one with the lower calibration loss is kept; it costs a second
     rounding pass and two loss passes per block, and makes a learned recipe never worse on a block's
-    calibration loss than the same recipe without training (Gemma-3-270M W3A16g64, ``best-w3a16g64``:
+    calibration loss than the same recipe without training (Gemma-3-270M W3A16g64, LET + LWC + GPTQ:
     37.58 -> 37.36, 17% more calibration time; README "Against GPTQ and auto-round"). With a rounding
     stage that keeps the codes training fake-quantized to (``rtn``, ``learned``) the rounded loss is the
     training loss, so ``rounded`` is ``loss`` there and costs nothing extra. ``optimizer``: ``adamw``, or
