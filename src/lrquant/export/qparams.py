@@ -99,6 +99,16 @@ def restore_quant_state(model: nn.Module, recipe: Recipe, tensors: dict[str, tor
             set_submodule(block, path, ql)
 
 
+def restore_run_state(model: nn.Module, results: dict, recipe: Recipe, qparams: dict[str, torch.Tensor]) -> None:
+    """Put a run folder's inference graph back on its saved ``model/``: the rotation pre-step's online
+    Hadamards (``results.json``), then the quantizers and learned online ops (:func:`restore_quant_state`)."""
+    if results.get("rotation"):
+        from ..transforms.rotation import attach_online
+
+        attach_online(model, results["rotation"]["online"])
+    restore_quant_state(model, recipe, qparams)
+
+
 def load_run_model(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, dict]:
     """A finished text run folder as the model it evaluated: ``model/`` through transformers, the rotation
     pre-step's online Hadamards (``results.json``), then every quantizer, learned online op and activation
@@ -107,15 +117,11 @@ def load_run_model(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> t
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..transforms.rotation import attach_online
-
     run_dir = Path(run_dir)
     results = json.loads((run_dir / "results.json").read_text())
-    recipe = Recipe.from_dict(results["recipe"])
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=dtype).eval()
-    if results.get("rotation"):
-        attach_online(model, results["rotation"]["online"])
-    restore_quant_state(model, recipe, load_file(str(run_dir / "qparams.safetensors")))
+    restore_run_state(model, results, Recipe.from_dict(results["recipe"]),
+                      load_file(str(run_dir / "qparams.safetensors")))
     return model, AutoTokenizer.from_pretrained(run_dir / "model"), results
 
 
@@ -176,11 +182,7 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, dtype: tor
             tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
         except (OSError, ValueError, SafetensorError) as exc:
             raise LrquantError(f"cannot read the saved model in {run_dir}: {str(exc).splitlines()[0]}") from exc
-        if results.get("rotation"):  # the rotation's online Hadamards: exported, or refused by GGUF
-            from ..transforms.rotation import attach_online
-
-            attach_online(model, results["rotation"]["online"])
-        restore_quant_state(model, recipe, qparams)
+        restore_run_state(model, results, recipe, qparams)  # online Hadamards: exported, or refused by GGUF
         if export_format == "gguf":
             from .gguf import export_gguf
 
