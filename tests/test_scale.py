@@ -5,6 +5,8 @@ by block from sharded safetensors gives the same checkpoint as the in-RAM run.""
 from __future__ import annotations
 
 import os
+import platform
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,6 +178,63 @@ def test_streamed_blocks_write_the_in_ram_checkpoint(tmp_path, method):
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_copy_tensor_in_chunks(tmp_path):
+    """Tensors outside the blocks are copied a few rows at a time (chunks far smaller than the tensor here):
+    every dtype, a scalar, an empty tensor, with and without a cast, equal ``get_tensor(key).to(dtype)``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lrquant.streaming import copy_tensor
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(37, 5, generator=g), "b": torch.randn(11, 3, 2, generator=g).bfloat16(),
+               "s": torch.tensor(7, dtype=torch.int64), "m": torch.rand(9, generator=g) > 0.5,
+               "e": torch.empty(0, 4)}
+    save_file(tensors, str(tmp_path / "in.safetensors"))
+    for key, value in tensors.items():
+        for dtype in (None, torch.float32 if value.is_floating_point() else None):
+            out = tmp_path / f"{key}-{dtype}.safetensors"
+            shape, written = copy_tensor(tmp_path / "in.safetensors", key, out, dtype, chunk_bytes=24)
+            with safe_open(str(out), framework="pt") as fh:
+                got = fh.get_tensor(key)
+            expected = value.to(dtype or value.dtype)
+            assert shape == list(value.shape) and written == expected.dtype and got.dtype == expected.dtype
+            assert torch.equal(got, expected)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
+def test_streaming_hands_freed_weight_buffers_back():
+    """In a streamed run a freed weight-sized temporary leaves the process at once. glibc's default
+    threshold for giving a buffer its own mapping rises to the largest buffer freed so far (up to 32 MiB);
+    weights and their quantization temporaries then came from the heap and stayed resident, by an amount
+    that changed from block to block (the run's peak is its worst block). Run in a fresh process: earlier
+    heap use in this one could leave free chunks that glibc reuses first."""
+    import subprocess
+
+    code = """
+import torch
+from lrquant.streaming import free_large_buffers_at_once
+
+free_large_buffers_at_once()
+
+def rss_kb() -> int:
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
+
+big = torch.ones(30 << 18)  # 30 MiB: under glibc's default this would raise the threshold to 30 MiB
+del big
+before = rss_kb()
+t = torch.ones(16 << 18)  # 16 MiB, touched
+during = rss_kb()
+del t
+print(during - before, rss_kb() - before)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    during, after = (int(x) for x in done.stdout.split())
+    assert during > 12_000 and after < 4_000
 
 
 def test_stream_blocks_refuses_what_it_cannot_do(tiny_model_dir, tmp_path, capsys):

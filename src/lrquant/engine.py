@@ -51,7 +51,7 @@ from . import distributed as ddp
 from .arch.base import ArchMapping, get_mapping
 from .config import Recipe
 from .errors import LrquantError
-from .io import atomic_save_tensors, atomic_write_json
+from .io import atomic_save_tensors, atomic_write_json, sha256_file
 from .quant.quantizers import quant_linears
 from .streams import StreamStore
 
@@ -364,7 +364,7 @@ class Checkpointer:
         path = self.folder / f"block_{index:04d}.safetensors"
         atomic_save_tensors(path, block_tensors(block))
         state = self.state() if (self.folder / "state.json").is_file() else {}
-        digests = list(state.get("block_sha256", []))[:index] + [hashlib.sha256(path.read_bytes()).hexdigest()]
+        digests = list(state.get("block_sha256", []))[:index] + [sha256_file(path)]
         errors = dict(state.get("layer_errors", {}))
         errors[str(index)] = {n: m.quant_error for n, m in quant_linears(block).items() if m.quant_error is not None}
         atomic_write_json(

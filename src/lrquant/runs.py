@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
-import hashlib
 import json
 import logging
 import math
@@ -43,7 +42,7 @@ from torch import nn
 from .arch.base import CheckpointLayout
 from .config import Recipe, TTAStep
 from .errors import ConfigError, DataError, LrquantError
-from .io import atomic_dir, atomic_save_tensors, atomic_write_json
+from .io import atomic_dir, atomic_save_tensors, atomic_write_json, sha256_file
 
 log = logging.getLogger("lrquant")
 
@@ -85,7 +84,7 @@ def _intact_block(path: Path, sha256: str | None) -> bool:
         return False
     if sha256 is None:
         return True
-    return hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+    return sha256_file(path) == sha256
 
 
 def _non_finite_quality(results: dict[str, Any]) -> list[str]:

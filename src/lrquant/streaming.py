@@ -4,21 +4,30 @@ them, and the quantized checkpoint written shard by shard as blocks finish.
 * :func:`load_skeleton` builds the model from its ``config.json`` on the ``meta`` device (accelerate's
   ``init_empty_weights``: parameters without storage; buffers such as rotary frequencies are real).
 * :class:`SafetensorsSource` is the engine's :class:`~lrquant.engine.BlockSource`: ``load`` reads the
-  tensors of one module (a block, or the embeddings before the calibration capture) from the shards,
-  through a memory map opened for that read only, so the pages it touched leave the process with it;
-  ``done`` hands the finished block to a :class:`ShardWriter` and puts it back on ``meta``.
+  tensors of one module (a block, or the embeddings before the calibration capture) from the shards.
+  safetensors hands out tensors backed by a private memory map of the shard, which outlives the file
+  handle: a page is read when first touched and leaves the process when the tensor is dropped (``done``
+  / ``drop`` put the module back on ``meta``). ``done`` hands the finished block to a
+  :class:`ShardWriter` first.
 * :class:`ShardWriter` writes ``model-0000i-of-0000n.safetensors`` (one shard per block, then one for
-  everything outside the blocks, copied tensor by tensor from the input shards), the
+  everything outside the blocks, copied from the input shards :data:`COPY_CHUNK_BYTES` at a time), the
   ``model.safetensors.index.json``, the config and the tokenizer: the same tensors as ``save_pretrained``
   of the in-RAM quantized model, never assembled in memory. Each block's frozen quantization parameters
   go to a :class:`TensorSpool` (a raw file beside the run's outputs) and become ``qparams.safetensors``
   at the end, so they do not pile up in memory either (W4 g64: 3% of the fp32 weights).
+
+Memory between blocks: a streamed run makes glibc serve every buffer of :data:`MMAP_THRESHOLD_BYTES` or more
+from its own mapping (:func:`free_large_buffers_at_once`), so a block's weight-sized temporaries leave the
+process when freed instead of staying in the heap, and trims the heap after the calibration capture and
+after every block. Peak RSS is then one block, its largest temporaries and the process's fixed part,
+whatever the depth.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -33,9 +42,13 @@ from torch import nn
 from .errors import LrquantError
 
 INDEX = "model.safetensors.index.json"
+MMAP_THRESHOLD_BYTES = 1 << 20  # allocations from this size up get their own mapping (see free_large_buffers_at_once)
+COPY_CHUNK_BYTES = 64 << 20  # tensors outside the blocks are copied into model/ this many bytes at a time
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                        torch.uint8: "U8", torch.bool: "BOOL"}
+_TORCH_DTYPES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
 
 def _malloc_trim() -> None:
@@ -45,6 +58,77 @@ def _malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def free_large_buffers_at_once() -> None:
+    """Make glibc serve every allocation of :data:`MMAP_THRESHOLD_BYTES` or more from its own memory map, which
+    it unmaps when the buffer is freed (process-wide; a no-op without glibc).
+
+    glibc's default threshold is dynamic: each freed mapped buffer raises it to that buffer's size (up to
+    32 MiB), so after the first weight-sized tensor is freed, weights and their quantization temporaries
+    (``[4096, 1536]`` fp32: 25 MB) come from the heap, where freed memory stays resident until the next
+    trim and is reused or not depending on the order of allocations. A block's peak RSS then varied by up
+    to about two block sizes from block to block and from run to run, and the run's peak is its worst
+    block. Setting the threshold disables that adjustment for the rest of the process; the trim threshold,
+    which the adjustment raises along (to twice the mapping threshold), is set back to twice the fixed one.
+    Measured on a 101 MB block (hidden 1536, RTN): the peak of every block within 3 MB of the others;
+    the price is a fresh, zeroed mapping for every large temporary (about 0.2 s CPU a block there)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        pass
+
+
+def safetensors_header(entries: dict[str, dict[str, Any]]) -> bytes:
+    """The 8-byte length and the JSON header of a safetensors file whose tensors ``entries`` lists
+    (``{name: {"dtype", "shape", "data_offsets"}}``), padded to 8 bytes as the format asks."""
+    header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    """The bytes of ``tensor`` (on the CPU, C order), without a copy when it is already so."""
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def copy_tensor(file: Path, key: str, target: Path, dtype: torch.dtype | None = None,
+                chunk_bytes: int = COPY_CHUNK_BYTES) -> tuple[list[int], torch.dtype]:
+    """Write the tensor ``key`` of the safetensors ``file`` as the single tensor of the safetensors file
+    ``target``, cast to ``dtype`` (``None``: as stored), reading about ``chunk_bytes`` of it at a time (whole
+    rows of its first dimension, with ordinary reads: a memory map would keep every page it touched
+    resident until closed), so an embedding or a head of any size never sits in memory whole. Returns
+    ``(shape, dtype written)``; the values are those of ``get_tensor(key).to(dtype)``. A dtype this module
+    cannot name (e.g. float8) is copied whole through safetensors."""
+    with open(file, "rb") as src:
+        length = int.from_bytes(src.read(8), "little")
+        info = json.loads(src.read(length))[key]
+        shape, stored = list(info["shape"]), _TORCH_DTYPES.get(info["dtype"])
+        if stored is None or (dtype or stored) not in _SAFETENSORS_DTYPES:
+            with safe_open(str(file), framework="pt") as fh:
+                value = fh.get_tensor(key)
+            value = value.to(dtype or value.dtype).contiguous()
+            save_file({key: value}, str(target), metadata={"format": "pt"})
+            return shape, value.dtype
+        dtype = dtype or stored
+        width = torch.empty((), dtype=stored).element_size()
+        row = math.prod(shape[1:])  # elements per index of the first dimension (1 for a scalar)
+        rows = shape[0] if shape else 1
+        step = max(1, chunk_bytes // max(row * max(width, torch.empty((), dtype=dtype).element_size()), 1))
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        entry = {key: {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": shape, "data_offsets": [0, size]}}
+        src.seek(8 + length + info["data_offsets"][0])
+        with open(target, "wb") as out:
+            out.write(safetensors_header(entry))
+            for first in range(0, rows, step):
+                n = min(step, rows - first)
+                raw = torch.empty(n * row * width, dtype=torch.uint8)
+                if src.readinto(memoryview(raw.numpy())) != raw.numel():
+                    raise LrquantError(f"{file} ends inside tensor {key}")
+                out.write(_raw(raw.view(stored).to(dtype)))
+    return shape, dtype
 
 
 class TensorSpool:
@@ -67,12 +151,9 @@ class TensorSpool:
     def write(self, target: Path) -> None:
         """``target`` (atomically: a temp sibling renamed), then the spool file is removed."""
         self._fh.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)
         tmp = target.with_name(f".{target.name}.spool.tmp")
         with open(tmp, "wb") as out, open(self.path, "rb") as data:
-            out.write(len(header).to_bytes(8, "little"))
-            out.write(header)
+            out.write(safetensors_header(self.entries))
             shutil.copyfileobj(data, out, 1 << 20)
             out.flush()
             os.fsync(out.fileno())
@@ -116,12 +197,16 @@ def _is_meta(t: torch.Tensor | None) -> bool:
 
 class SafetensorsSource:
     """Materialises a skeleton's tensors from the safetensors shards in ``folder`` (see the module
-    docstring); ``writer``: where finished blocks go (``None`` on data-parallel ranks that write nothing)."""
+    docstring); ``writer``: where finished blocks go (``None`` on data-parallel ranks that write nothing).
+    Creating one switches the process to :func:`free_large_buffers_at_once` and trims the heap (what the
+    tokenization of the calibration text left in it must not sit under the first block)."""
 
     def __init__(self, folder: str | Path, writer: ShardWriter | None = None) -> None:
         self.folder = Path(folder)
         self.map = weight_map(self.folder)
         self.writer = writer
+        free_large_buffers_at_once()
+        _malloc_trim()
 
     @torch.no_grad()
     def load(self, model: nn.Module, prefixes: Sequence[str]) -> None:
@@ -160,8 +245,11 @@ class SafetensorsSource:
         _malloc_trim()
 
     def drop(self, model: nn.Module, prefixes: Sequence[str]) -> None:
+        """Put the modules under ``prefixes`` back on ``meta`` (e.g. the embeddings after the calibration
+        capture) and trim the heap."""
         for prefix in prefixes:
             model.get_submodule(prefix).to("meta")
+        _malloc_trim()
 
 
 def _tied_source(model: nn.Module, key: str) -> str:
@@ -219,17 +307,17 @@ class ShardWriter:
     @torch.no_grad()
     def finish(self, model: nn.Module, source: SafetensorsSource, processor: Any = None) -> None:
         """The shards outside the blocks (each tensor copied from the input shards in the skeleton's dtype,
-        one at a time), the index, the config (with the standard attention implementation) and
-        ``processor``'s files."""
+        one at a time and :data:`COPY_CHUNK_BYTES` at a time, see :func:`copy_tensor`), the index, the config
+        (with the standard attention implementation) and ``processor``'s files."""
         for number, key in enumerate(self.rest, start=self.blocks + 1):
-            with safe_open(str(source.folder / source.map[key]), framework="pt") as fh:
-                value = fh.get_tensor(key)
             try:
-                value = value.to(model.get_parameter(key).dtype)
+                dtype: torch.dtype | None = model.get_parameter(key).dtype
             except AttributeError:  # a buffer: as stored
-                pass
-            self._write(number, {key: value})
-            del value
+                dtype = None
+            file = f"model-{number:05d}-of-{self.total:05d}.safetensors"
+            shape, dtype = copy_tensor(source.folder / source.map[key], key, self.folder / file, dtype)
+            self.weight_map[key] = file
+            self.size += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         index = {"metadata": {"total_size": self.size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2))
         config = model.config
@@ -250,7 +338,11 @@ class ShardWriter:
 
 def load_streamed(name_or_path: str) -> tuple[nn.Module, Any, str, Path]:
     """``(skeleton model, tokenizer, display name, weights folder)`` for ``--stream-blocks``: a local folder
-    of safetensors (a ``.gguf`` is converted to one first, as :func:`lrquant.models.load_model` does)."""
+    of safetensors (a ``.gguf`` is converted to one first, as :func:`lrquant.models.load_model` does).
+    Switches the process to :func:`free_large_buffers_at_once` first: buffers that the heap served before
+    the switch (the tokenization of the calibration text) would otherwise leave large free chunks in it,
+    which glibc reuses for later large buffers ahead of a fresh mapping and keeps resident once freed."""
+    free_large_buffers_at_once()
     from transformers import AutoTokenizer
 
     from .arch import prepare_model
