@@ -10,7 +10,11 @@ Every variant runs the same fp32 model (the online ops' cost is what is measured
 * ``hadamard``: the rotation pre-step (``--rotate hadamard``): one online Hadamard on every down_proj input;
 * ``kron``: an :class:`~lrquant.transforms.OnlineKron` (random invertible factors, folded exactly) on the
   inputs of q/k/v, o (across heads), gate/up and down of every block: what ``kronquant`` leaves online;
-* ``hadamard+kron``: both (the ``kron-w4a4`` recipe's graph).
+* ``hadamard+kron``: both (the ``kron-w4a4`` recipe's graph);
+* ``hadamard+kron+qk``: and kronquant's per-KV-head q/k op (``online: [..., qk]``, random invertible
+  factors) on the queries and keys after RoPE, through the attention quantizer without quantizers. As in
+  lrquant's simulation the op runs inside attention, on every cached key at each decode step (the cache
+  holds the keys before it), so its decode figure is an upper bound on a runtime that caches ``k P``.
 
 Each linear is wrapped in a :class:`~lrquant.quant.quantizers.QuantLinear` without quantizers in every
 variant, so only the online ops differ. Decode: greedy at batch 1 with a KV cache after a ``--prompt``-token
@@ -60,6 +64,26 @@ def add_kron(model: nn.Module, seed: int = 0) -> None:
         fold_block(block)
 
 
+@torch.no_grad()
+def add_qk(model: nn.Module, seed: int = 1) -> None:
+    """An :class:`~lrquant.transforms.kron.OnlineQK` on every block's attention: key factors
+    ``I + 0.05 N`` per kv head, query factors their inverse transposes (``q k^T`` unchanged)."""
+    from lrquant.arch import get_mapping
+    from lrquant.quant.attention import AttentionQuantizer, enable_attention_quantization
+    from lrquant.transforms.kron import install_online_qk
+
+    mapping = get_mapping(model)
+    enable_attention_quantization(model)
+    gen = torch.Generator().manual_seed(seed)
+    for _, block in mapping.block_list(model):
+        block.get_submodule(mapping.attention).attn_quantizer = AttentionQuantizer(None)
+        op = install_online_qk(block, mapping, model.config)
+        for k_name, q_name in (("kfactor0", "qfactor0"), ("kfactor1", "qfactor1")):
+            k = getattr(op, k_name)  # [KV, d, d]
+            k.add_(torch.randn(k.shape, generator=gen, dtype=k.dtype) * 0.05)
+            getattr(op, q_name).copy_(torch.linalg.inv(k.double()).mT.to(k.dtype))
+
+
 def variant(base: nn.Module, name: str) -> nn.Module:
     from lrquant.arch import get_mapping
     from lrquant.transforms.rotation import rotate_model
@@ -70,6 +94,8 @@ def variant(base: nn.Module, name: str) -> nn.Module:
     wrap(model)
     if "kron" in name:
         add_kron(model)
+    if "qk" in name:
+        add_qk(model)
     return model.eval()
 
 
@@ -94,7 +120,7 @@ def main() -> None:
     print("\n| variant | online ops | max logit diff vs plain | prefill tok/s | decode tok/s |")
     print("|---|---:|---:|---:|---:|")
     rows = {}
-    for name in ("plain", "hadamard", "kron", "hadamard+kron"):
+    for name in ("plain", "hadamard", "kron", "hadamard+kron", "hadamard+kron+qk"):
         model = variant(base, name)
         n_ops = sum(1 for m in model.modules() if getattr(m, "input_transform", None) is not None)
         with torch.no_grad():

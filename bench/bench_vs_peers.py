@@ -10,7 +10,9 @@ Rows run one after another in the order given, so the peers and lrquant share th
         gptq:W3A16g64 "fast W3=fast-w3a16g64" autoround:W3A16g64 "best W3=best-w3a16g64+train.iters=8"
 
 A row is ``PEER:SETTING`` (run by ``bench/peers/run_peers.py`` in the peers' venv, see bench/peers/README.md)
-or ``LABEL=RECIPE[+KEY=VALUE...]`` (``lrquant quantize --recipe RECIPE --option KEY=VALUE ...``). Before any
+or ``LABEL=RECIPE[+KEY=VALUE...]`` (``lrquant quantize --recipe RECIPE --option KEY=VALUE ...``; a key that
+starts with ``--`` is passed as that flag instead, e.g. ``best KV4=best-w4a4+--kv-bits=4`` or
+``W6A6=best-w4a4+--wbits=6+--abits=6``, after the protocol's ``--kv-bits 16``, so it wins). Before any
 row, the calibration and evaluation tokens lrquant's data code draws for ``--model`` are checked against the
 protocol file the peers read (``--protocol``, written by ``bench/peers/dump_protocol.py`` when missing): same
 sha256 or no run. Every finished row is appended to ``<out>/rows.jsonl`` (a rerun of the command skips rows
@@ -99,7 +101,8 @@ def run_ours(args: argparse.Namespace, label: str, spec: str) -> dict | None:
            "--eval", "wikitext2", "--eval-windows", str(args.eval_windows), "--output", str(out), "--overwrite",
            "--no-save", "--quiet"]
     for item in overrides:
-        cmd += ["--option", item]
+        flag, _, value = item.partition("=")
+        cmd += [flag, value] if flag.startswith("--") else ["--option", item]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     print("$", " ".join(cmd), flush=True)
@@ -115,9 +118,9 @@ def run_ours(args: argparse.Namespace, label: str, spec: str) -> dict | None:
 
 def table(rows: list[dict]) -> str:
     """Markdown: one line per row grouped by setting, with the wall time relative to that setting's GPTQ row
-    (SmoothQuant+GPTQ where the setting has no plain GPTQ row)."""
+    (SmoothQuant+GPTQ, else SpinQuant+GPTQ, where the setting has no plain GPTQ row)."""
     gptq: dict[str, float] = {}
-    for tool in ("sq-gptq", "gptq"):  # plain GPTQ wins where both ran
+    for tool in ("spinquant-gptq", "sq-gptq", "gptq"):  # the later tool wins where several ran
         gptq.update({r["setting"]: r["calib_time_s"] for r in rows if r["kind"] == "peer" and r["tool"] == tool})
     lines = ["| setting | row | PPL | calib s | x GPTQ time | calib CPU s | peak RSS GB | load 1m start/end |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
