@@ -205,6 +205,7 @@ def test_copy_tensor_in_chunks(tmp_path):
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the mmap threshold is a glibc setting")
 def test_streaming_hands_freed_weight_buffers_back():
     """In a streamed run a freed weight-sized temporary leaves the process at once. glibc's default
     threshold for giving a buffer its own mapping rises to the largest buffer freed so far (up to 32 MiB);
