@@ -113,11 +113,11 @@ def copy_tensor(file: Path, key: str, target: Path, dtype: torch.dtype | None = 
             save_file({key: value}, str(target), metadata={"format": "pt"})
             return shape, value.dtype
         dtype = dtype or stored
-        width = torch.empty((), dtype=stored).element_size()
+        width, out_width = stored.itemsize, dtype.itemsize
         row = math.prod(shape[1:])  # elements per index of the first dimension (1 for a scalar)
         rows = shape[0] if shape else 1
-        step = max(1, chunk_bytes // max(row * max(width, torch.empty((), dtype=dtype).element_size()), 1))
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        step = max(1, chunk_bytes // max(row * max(width, out_width), 1))
+        size = math.prod(shape) * out_width
         entry = {key: {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": shape, "data_offsets": [0, size]}}
         src.seek(8 + length + info["data_offsets"][0])
         with open(target, "wb") as out:
@@ -142,11 +142,11 @@ class TensorSpool:
         self._fh = open(path, "wb")  # noqa: SIM115  (kept open while blocks finish)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        data = _raw(tensor)
         self._fh.write(data)
         self.entries[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                              "data_offsets": [self.size, self.size + len(data)]}
-        self.size += len(data)
+                              "data_offsets": [self.size, self.size + data.nbytes]}
+        self.size += data.nbytes
 
     def write(self, target: Path) -> None:
         """``target`` (atomically: a temp sibling renamed), then the spool file is removed."""
@@ -317,7 +317,7 @@ class ShardWriter:
             file = f"model-{number:05d}-of-{self.total:05d}.safetensors"
             shape, dtype = copy_tensor(source.folder / source.map[key], key, self.folder / file, dtype)
             self.weight_map[key] = file
-            self.size += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            self.size += math.prod(shape) * dtype.itemsize
         index = {"metadata": {"total_size": self.size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2))
         config = model.config
