@@ -10,7 +10,7 @@ Builds one stack of random Llama-shaped blocks on disk (hidden 1536, MLP 4096, 1
 the SmolLM2 tokenizer's 49,152-token vocabulary, fp32, one safetensors shard per block: 101 MB a block)
 as deep as the deepest requested model; each model is a folder whose index points at hard links to its
 first shards, so every depth has the same width and the same first blocks. Every quantization is a
-``lrquant quantize`` subprocess (``--eval none``; peak RSS = that process's ``ru_maxrss`` from its
+``lrquant quantize`` subprocess (``--eval none``; peak RSS = that process's ``VmHWM`` from its
 ``results.json``) on 4 calibration samples of 64 tokens (``--nsamples/--seqlen``); the learned method
 is ``omniquant`` with ``train.iters=2``. Prints:
 

@@ -331,3 +331,20 @@ def test_the_tta_post_step_runs_from_the_recipe(tiny_model_dir, tmp_path):
                   eval_windows=1, progress=False).results
     assert res["ppl_tta"]["default"] > 1 and res["tta"]["default"]["config"]["blocks"] == 1
     assert res["recipe"]["post"] == [{"tta": {"steps": 1, "lr": None, "blocks": 1, "windows": 2, "seqlen": 32}}]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc")
+def test_peak_rss_is_the_run_process_own_not_its_launcher():
+    """Linux carries ``ru_maxrss`` across exec: a run launched by a 600 MB process reported >= 600 MB."""
+    import subprocess
+    import sys
+
+    from lrquant.runs import peak_rss_gb
+
+    ballast = bytearray(600 * 1024**2)
+    ballast[::4096] = b"\1" * len(ballast[::4096])  # resident, not just reserved
+    child = subprocess.run([sys.executable, "-c", "from lrquant.runs import peak_rss_gb; print(peak_rss_gb())"],
+                           capture_output=True, text=True, check=True)
+    assert peak_rss_gb() >= 0.55
+    assert float(child.stdout) < peak_rss_gb() - 0.3
+    del ballast

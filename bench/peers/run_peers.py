@@ -33,7 +33,6 @@ import json
 import math
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -283,12 +282,19 @@ def one_row(args) -> dict:
     return {
         "peer": peer, "setting": setting, "ppl": ppl, "calib_time_s": round(calib_s, 2),
         "calib_cpu_s": round(calib_cpu_s, 1), "loadavg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3),
+        "peak_rss_gb": peak_rss_gb(),
         "versions": versions(), "eval_s": round(eval_s, 1), "windows": int(windows.shape[0]),
         "nsamples": int(calib.shape[0]), "seqlen": int(calib.shape[1]), "threads": args.threads,
         "iters": args.iters if peer == "autoround" else None, "model": meta.get("model_name", model_path),
         "protocol_sha256": json.loads(meta["sha256"]), "recipe": detail, "check": quant_info,
     }
+
+
+def peak_rss_gb() -> float:
+    """Peak RSS (GiB) from ``VmHWM``: ``ru_maxrss`` would carry the launching bench's high-water mark across
+    ``exec`` (as ``lrquant.runs.peak_rss_gb``; this venv has no lrquant)."""
+    with open("/proc/self/status") as fh:
+        return round(next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024**2, 3)
 
 
 def main(argv: list[str] | None = None) -> int:

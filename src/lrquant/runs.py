@@ -30,6 +30,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -507,6 +508,19 @@ def stream_store(folder: RunFolder, dtype: str, budget_gb: float | None) -> Any:
     return StreamStore(STREAM_DTYPES[dtype], budget, folder.path / CHECKPOINT / name)
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident set size in GB (GiB), from ``VmHWM`` in ``/proc/self/status``. Not
+    ``getrusage``'s ``ru_maxrss`` where /proc exists: Linux carries the launching process's high-water mark
+    across ``exec`` into it, so a run started by a large Python process (a bench, a notebook) would report
+    its parent's peak."""
+    try:
+        with open("/proc/self/status") as fh:
+            kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1024 if sys.platform == "darwin" else 1)
+    return round(kb / 1024**2, 3)
+
+
 def finish_job(folder: RunFolder, model: nn.Module, processor: Any, results: dict[str, Any], recipe: Recipe, *,
                save_model: bool, export_format: str | None, online_ops: list[str],
                layout: CheckpointLayout | None = None, streamed_qparams: Callable[[Path], None] | None = None
@@ -516,7 +530,7 @@ def finish_job(folder: RunFolder, model: nn.Module, processor: Any, results: dic
     shard (:meth:`RunFolder.streamed_model`); this writes the qparams file it spooled to the given path."""
     from .export.qparams import quant_state
 
-    results["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)
+    results["peak_rss_gb"] = peak_rss_gb()
     if torch.cuda.is_available():
         results["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
     folder.replacing()
