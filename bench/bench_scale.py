@@ -4,7 +4,7 @@ processes, streams offloaded vs in memory.
 Usage::
 
     python bench/bench_scale.py --workdir /tmp/lrquant-scale [--layers 8,32,128] [--methods rtn,omniquant]
-        [--parts depth,match,procs,streams] [--keep]
+        [--parts depth,match,procs,export,streams] [--keep]
 
 Builds one stack of random Llama-shaped blocks on disk (hidden 1536, MLP 4096, 12 query / 4 KV heads,
 the SmolLM2 tokenizer's 49,152-token vocabulary, fp32, one safetensors shard per block: 101 MB a block)
@@ -21,6 +21,8 @@ is ``omniquant`` with ``train.iters=2``. Prints:
 * ``procs``: wall time of the learned method on the shallowest model (streamed) with 1 and 2 torchrun
   processes (gloo; on a GPU machine pass ``--device cuda`` and ``--procs`` = the GPU count), and whether
   the two ``model/`` folders agree;
+* ``export``: per depth, the RTN run with ``--stream-blocks --format compressed-tensors`` (the export
+  written block by block beside ``model/``): wall time, peak RSS and the export's size;
 * ``streams``: peak RSS of an RTN run of the shallowest model with ``--stream-samples`` x
   ``--stream-seqlen`` calibration tokens, streams in RAM vs memory-mapped (``--stream-budget-gb 0``)
   vs bfloat16 in RAM.
@@ -214,6 +216,15 @@ def main() -> None:
                 diff = "-" if procs == 1 else f"{compare(one, this)[1]:.3g}"
                 print(f"| {procs} | {learned} | {depths[0]} | {wall:.0f} | {res['calib_time_s']:.1f} | "
                       f"{res['peak_rss_gb']:.3f} | {diff} |", flush=True)
+        if "export" in parts:
+            print("\n| RTN + compressed-tensors export | layers | fp32 on disk (GB) | wall (s) | peak RSS (GB) | "
+                  "compressed/ (GB) |\n|---|---|---|---|---|---|")
+            for d in depths:
+                out = runs / f"export-{d}"
+                res, wall = quantize(models[d], out, "rtn", args, "--stream-blocks", "--format", "compressed-tensors")
+                print(f"| | {d} | {disk_gb(models[d]):.2f} | {wall:.0f} | {res['peak_rss_gb']:.3f} | "
+                      f"{disk_gb(out / 'compressed'):.2f} |", flush=True)
+                shutil.rmtree(out)
         if "streams" in parts:
             n, L = args.stream_samples, args.stream_seqlen
             gb = n * L * HIDDEN * 4 / 1e9

@@ -4,6 +4,7 @@ by block from sharded safetensors gives the same checkpoint as the in-RAM run.""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -239,16 +240,49 @@ print(during - before, rss_kb() - before)
 
 
 def test_stream_blocks_refuses_what_it_cannot_do(tiny_model_dir, tmp_path, capsys):
-    """--stream-blocks with an evaluation or an export: one line, exit 2, nothing created."""
+    """--stream-blocks with an evaluation or a GGUF export: one line, exit 2, nothing created."""
     from lrquant.cli import main
 
     out = tmp_path / "run"
     code = main(["quantize", "--model", str(tiny_model_dir), "--output", str(out), "--quiet", "--stream-blocks",
                  "--eval", "default"])
     assert code == 2 and "--stream-blocks" in capsys.readouterr().err and not out.exists()
+    code = main(["quantize", "--model", str(tiny_model_dir), "--output", str(out), "--quiet", "--stream-blocks",
+                 "--format", "gguf"])
+    assert code == 2 and "--format gguf" in capsys.readouterr().err and not out.exists()
     code = main(["quantize", "--model", str(tiny_model_dir), "--output", str(out), "--quiet",
                  "--stream-budget-gb", "-1", "--eval", "none"])
     assert code == 2 and "--stream-budget-gb" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("scheme", [["--wbits", "4", "--group-size", "32"], ["--wbits", "8", "--abits", "8"]],
+                         ids=["W4A16g32", "W8A8"])
+def test_streamed_compressed_export_is_the_in_ram_export(tiny_model_dir, tmp_path, scheme):
+    """``--stream-blocks --format compressed-tensors`` writes the export block by block: the same tensors,
+    quantization config and sidecar as the in-RAM run's export, and it reloads with the same logits."""
+    from lrquant.cli import main
+    from lrquant.export import load_compressed
+
+    args = ["quantize", "--model", str(tiny_model_dir), "--method", "omniquant", "--nsamples", "4", "--seqlen", "32",
+            "--batch-size", "2", "--option", "train.iters=2", "--eval", "none", "--quiet",
+            "--format", "compressed-tensors", *scheme]
+    assert main([*args, "--output", str(tmp_path / "ram")]) == 0
+    assert main([*args, "--output", str(tmp_path / "streamed"), "--stream-blocks"]) == 0
+    ram, streamed = tmp_path / "ram" / "compressed", tmp_path / "streamed" / "compressed"
+    expected, got = _read_folder(ram), _read_folder(streamed)
+    assert expected.keys() == got.keys() and any(k.endswith(".weight_scale") for k in got)
+    assert all(torch.equal(expected[k], got[k]) and expected[k].dtype == got[k].dtype for k in expected)
+    for name in ("config.json", "lrquant_export.json"):
+        want, have = (json.loads((d / name).read_text()) for d in (ram, streamed))
+        if name == "config.json":
+            want, have = want["quantization_config"], have["quantization_config"]
+        assert want == have, name
+    res = json.loads((tmp_path / "streamed" / "results.json").read_text())
+    assert res["export"]["format"] == "compressed-tensors" and res["export"]["path"] == str(streamed)
+    ids = torch.randint(1, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(streamed)(ids).logits, load_compressed(ram)(ids).logits,
+                                   atol=0, rtol=0)
 
 
 @pytest.mark.slow

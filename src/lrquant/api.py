@@ -207,22 +207,33 @@ def run(
             log.info("FP perplexity %s", results["fp_ppl"])
         if tasks and main:
             results["fp_zeroshot"] = run_zeroshot(model, tokenizer, tasks, limit=limit)
-        source = writer = None
+        source = writer = export = None
         if stream_blocks:
             from .streaming import SafetensorsSource, ShardWriter
 
             source = SafetensorsSource(weights)
             if main:
                 spool = folder.path / ".qparams.safetensors.spool"  # a temp name: a killed run's is cleaned up
-                writer = source.writer = ShardWriter.for_model(stack.enter_context(folder.streamed_model()),
+                writer = source.writer = ShardWriter.for_model(stack.enter_context(folder.streamed()),
                                                                model, source, spool)
+                if export_format == "compressed-tensors":
+                    from .export.compressed import CompressedBlocks
+
+                    export = CompressedBlocks(recipe.scheme, runs.EXPORT_DTYPE)
+                    compressed = writer.export_to(stack.enter_context(folder.streamed(runs.COMPRESSED)), export,
+                                                  runs.EXPORT_DTYPE)
         qr = runs.quantize_into(folder, model, recipe, calib, results, model_id, device, progress,
                                 stream_dtype=stream_dtype, stream_budget_gb=stream_budget_gb, source=source)
         if not main:
             return RunResult(results, model, tokenizer)
+        streamed_export = None
         if writer is not None:
             writer.finish(model, source, tokenizer)
-            stack.close()  # model/ in place
+            if export is not None:
+                export.finish(compressed.folder, model)
+            stack.close()  # model/ (and compressed/) in place
+            if export is not None:
+                streamed_export = runs.export_entry(export_format, folder.path / runs.COMPRESSED)
         if eval_sets:
             q = evaluate_ppl(model, eval_sets, eval_seqlen, eval_windows, device, progress)
             results["ppl"] = {k: v["ppl"] for k, v in q.items()}
@@ -236,7 +247,8 @@ def run(
                                                               eval_seqlen, eval_windows, device, progress)
         runs.finish_job(folder, model, tokenizer, results, recipe, save_model=save_model,
                         export_format=export_format, online_ops=qr.online_ops,
-                        streamed_qparams=writer.qparams.write if writer is not None else None)
+                        streamed_qparams=writer.qparams.write if writer is not None else None,
+                        streamed_export=streamed_export)
         return RunResult(results, model, tokenizer)
 
 
@@ -258,7 +270,7 @@ def check_large_model_options(recipe: Recipe, eval_datasets: list[str], tasks: l
     if not stream_blocks:
         return
     refused = [name for name, given in (("--eval", eval_datasets), ("--tasks", tasks),
-                                        (f"--format {export_format}", export_format not in (None, "fake")),
+                                        (f"--format {export_format}", export_format == "gguf"),
                                         ("--no-save", not save_model), ("--rotate", recipe.rotation is not None),
                                         ("--tta", recipe.tta is not None)) if given]
     if refused:

@@ -55,6 +55,7 @@ ARTIFACTS = (MODEL, QPARAMS, COMPRESSED, GGUF)
 QUALITY_KEYS = ("fp_ppl", "ppl", "ppl_tta", "fp_top1", "top1", "fp_retrieval_top1", "retrieval_top1",
                 "feature_cosine", "fp_caption_ppl", "caption_ppl", "image_feature_cosine")
 FORMATS = ("fake", "compressed-tensors", "gguf")
+EXPORT_DTYPE = torch.float16  # dense tensors and scales of the exports
 
 
 class NonFiniteResultError(LrquantError):
@@ -103,6 +104,14 @@ def _non_finite_quality(results: dict[str, Any]) -> list[str]:
 def _is_temp_of_ours(name: str) -> bool:
     """A temp file or folder of an atomic write of one of :data:`OWNED` (``.<name>.XXXX[.tmp]``)."""
     return any(name.startswith(f".{owned}.") for owned in OWNED)
+
+
+def export_entry(export_format: str, path: Path) -> dict[str, Any]:
+    """The ``results.json`` entry of the export at ``path`` (a file, or a folder of safetensors)."""
+    from .export.compressed import dir_size_bytes
+
+    size = dir_size_bytes(path) if path.is_dir() else path.stat().st_size
+    return {"format": export_format, "path": str(path), "size_mb": round(size / 2**20, 1)}
 
 
 class RunFolder:
@@ -296,13 +305,14 @@ class RunFolder:
         self._written.add(MODEL)
 
     @contextlib.contextmanager
-    def streamed_model(self) -> Iterator[Path]:
-        """A temporary folder that replaces ``model/`` when the block ends without error: a model written
-        shard by shard while it is quantized (:mod:`lrquant.streaming`)."""
-        with atomic_dir(self.path / MODEL) as tmp:
+    def streamed(self, name: str = MODEL) -> Iterator[Path]:
+        """A temporary folder that replaces the artifact ``name`` (``model/``, ``compressed/``) when the block
+        ends without error: a checkpoint written shard by shard while the model is quantized
+        (:mod:`lrquant.streaming`)."""
+        with atomic_dir(self.path / name) as tmp:
             yield tmp
             self.replacing()  # the old results must not sit beside the new model
-        self._written.add(MODEL)
+        self._written.add(name)
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         self.write_file(name, lambda path: atomic_save_tensors(path, tensors))
@@ -314,23 +324,20 @@ class RunFolder:
 
     def export(self, export_format: str, model: nn.Module, recipe: Recipe, processor: Any,
                online_ops: list[str]) -> dict[str, Any]:
-        """``compressed/`` (compressed-tensors) or ``model.gguf``, dense tensors in float16; returns the
-        ``results.json`` entry."""
+        """``compressed/`` (compressed-tensors) or ``model.gguf``, dense tensors in :data:`EXPORT_DTYPE`;
+        returns the ``results.json`` entry."""
         if export_format == "gguf":
             from .export.gguf import export_gguf
 
-            path = export_gguf(model, recipe.scheme, self.path / GGUF, processor, dtype=torch.float16,
+            path = export_gguf(model, recipe.scheme, self.path / GGUF, processor, dtype=EXPORT_DTYPE,
                                online_ops=online_ops)
-            size = path.stat().st_size
         else:
             from .export import export_compressed
-            from .export.compressed import dir_size_bytes
 
-            path = export_compressed(model, recipe.scheme, self.path / COMPRESSED, processor, dtype=torch.float16,
+            path = export_compressed(model, recipe.scheme, self.path / COMPRESSED, processor, dtype=EXPORT_DTYPE,
                                      online_ops=online_ops)
-            size = dir_size_bytes(path)
         self._written.add(path.name)
-        return {"format": export_format, "path": str(path), "size_mb": round(size / 2**20, 1)}
+        return export_entry(export_format, path)
 
     def finish(self, results: dict[str, Any], recipe: Recipe) -> None:
         """Drop stale artifacts of an earlier run that this run did not write, then ``recipe.yaml`` and
@@ -523,11 +530,12 @@ def peak_rss_gb() -> float:
 
 def finish_job(folder: RunFolder, model: nn.Module, processor: Any, results: dict[str, Any], recipe: Recipe, *,
                save_model: bool, export_format: str | None, online_ops: list[str],
-               layout: CheckpointLayout | None = None, streamed_qparams: Callable[[Path], None] | None = None
-               ) -> None:
+               layout: CheckpointLayout | None = None, streamed_qparams: Callable[[Path], None] | None = None,
+               streamed_export: dict[str, Any] | None = None) -> None:
     """Resources, then (in this order) the model and qparams (in the family's checkpoint ``layout`` if it
     declares one), the export, recipe and results. ``streamed_qparams``: the model was written shard by
-    shard (:meth:`RunFolder.streamed_model`); this writes the qparams file it spooled to the given path."""
+    shard (:meth:`RunFolder.streamed`); this writes the qparams file it spooled to the given path;
+    ``streamed_export``: the ``results.json`` entry of an export written the same way (none is made here)."""
     from .export.qparams import quant_state
 
     results["peak_rss_gb"] = peak_rss_gb()
@@ -540,7 +548,9 @@ def finish_job(folder: RunFolder, model: nn.Module, processor: Any, results: dic
         folder.save_model(model, processor, layout)
         qparams = quant_state(model)
         folder.save_tensors(QPARAMS, layout.rename_qparams(qparams) if layout else qparams)
-    if export_format not in (None, "fake"):
+    if streamed_export is not None:
+        results["export"] = streamed_export
+    elif export_format not in (None, "fake"):
         results["export"] = folder.export(export_format, model, recipe, processor, online_ops)
     folder.finish(results, recipe)
 

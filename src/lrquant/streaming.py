@@ -14,7 +14,9 @@ them, and the quantized checkpoint written shard by shard as blocks finish.
   ``model.safetensors.index.json``, the config and the tokenizer: the same tensors as ``save_pretrained``
   of the in-RAM quantized model, never assembled in memory. Each block's frozen quantization parameters
   go to a :class:`TensorSpool` (a raw file beside the run's outputs) and become ``qparams.safetensors``
-  at the end, so they do not pile up in memory either (W4 g64: 3% of the fp32 weights).
+  at the end, so they do not pile up in memory either (W4 g64: 3% of the fp32 weights). With
+  ``--format compressed-tensors`` a second writer (:meth:`ShardWriter.export_to`) writes the export the same
+  way, each finished block compressed by :class:`~lrquant.export.compressed.CompressedBlocks`.
 
 Memory between blocks: a streamed run makes glibc serve every buffer of :data:`MMAP_THRESHOLD_BYTES` or more
 from its own mapping (:func:`free_large_buffers_at_once`), so a block's weight-sized temporaries leave the
@@ -30,7 +32,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -266,9 +268,14 @@ def _tied_source(model: nn.Module, key: str) -> str:
 class ShardWriter:
     """Writes the quantized checkpoint into ``folder`` shard by shard (see the module docstring): one shard
     per block (``blocks`` of them), then one per tensor outside the blocks (``rest``: their names in the
-    input checkpoint); the blocks' quantization parameters go to ``qparams`` (a spool)."""
+    input checkpoint); the blocks' quantization parameters go to ``qparams`` (a spool). ``convert``: a
+    finished block's tensors in this checkpoint, keys as in the model (default: its state dict, the
+    fake-quant model); ``cast``: the dtype of the parameters outside the blocks (default: the skeleton's).
+    Writers in ``also`` (:meth:`export_to`) write further checkpoints of the same blocks."""
 
-    def __init__(self, folder: Path, blocks: int, rest: Sequence[str], qparams: TensorSpool) -> None:
+    def __init__(self, folder: Path, blocks: int, rest: Sequence[str], qparams: TensorSpool | None,
+                 convert: Callable[[str, nn.Module], dict[str, torch.Tensor]] | None = None,
+                 cast: torch.dtype | None = None) -> None:
         self.folder = folder
         self.blocks = blocks
         self.rest = list(rest)
@@ -276,6 +283,17 @@ class ShardWriter:
         self.weight_map: dict[str, str] = {}
         self.size = 0
         self.qparams = qparams
+        self.convert = convert
+        self.cast = cast
+        self.also: list[ShardWriter] = []
+
+    def export_to(self, folder: Path, convert: Callable[[str, nn.Module], dict[str, torch.Tensor]],
+                  cast: torch.dtype | None) -> ShardWriter:
+        """A writer of a second checkpoint in ``folder`` (e.g. the compressed-tensors export, ``convert`` =
+        :class:`lrquant.export.compressed.CompressedBlocks`), fed and finished with this one."""
+        other = ShardWriter(folder, self.blocks, self.rest, None, convert, cast)
+        self.also.append(other)
+        return other
 
     @classmethod
     def for_model(cls, folder: Path, model: nn.Module, source: SafetensorsSource, spool: Path) -> ShardWriter:
@@ -296,22 +314,28 @@ class ShardWriter:
             self.size += v.numel() * v.element_size()
 
     def write_block(self, index: int, name: str, block: nn.Module) -> None:
-        """Block ``index``'s state dict (as ``save_pretrained`` names it) as shard ``index + 1``, and its
-        frozen quantization parameters."""
+        """Block ``index``'s tensors (its state dict as ``save_pretrained`` names it, or ``convert``'s) as shard
+        ``index + 1``, and its frozen quantization parameters; then the same for the writers in ``also``."""
         from .export.qparams import quant_state
 
-        self._write(index + 1, {f"{name}.{k}": v for k, v in block.state_dict().items()})
-        for k, v in quant_state(block).items():
-            self.qparams.add(f"{name}.{k}", v)
+        if self.convert is not None:
+            self._write(index + 1, self.convert(name, block))
+        else:
+            self._write(index + 1, {f"{name}.{k}": v for k, v in block.state_dict().items()})
+        if self.qparams is not None:
+            for k, v in quant_state(block).items():
+                self.qparams.add(f"{name}.{k}", v)
+        for other in self.also:
+            other.write_block(index, name, block)
 
     @torch.no_grad()
     def finish(self, model: nn.Module, source: SafetensorsSource, processor: Any = None) -> None:
         """The shards outside the blocks (each tensor copied from the input shards in the skeleton's dtype,
         one at a time and :data:`COPY_CHUNK_BYTES` at a time, see :func:`copy_tensor`), the index, the config
-        (with the standard attention implementation) and ``processor``'s files."""
+        (with the standard attention implementation) and ``processor``'s files; then the writers in ``also``."""
         for number, key in enumerate(self.rest, start=self.blocks + 1):
             try:
-                dtype: torch.dtype | None = model.get_parameter(key).dtype
+                dtype: torch.dtype | None = self.cast or model.get_parameter(key).dtype
             except AttributeError:  # a buffer: as stored
                 dtype = None
             file = f"model-{number:05d}-of-{self.total:05d}.safetensors"
@@ -334,6 +358,8 @@ class ShardWriter:
             generation.save_pretrained(self.folder)
         if processor is not None and hasattr(processor, "save_pretrained"):
             processor.save_pretrained(self.folder)
+        for other in self.also:
+            other.finish(model, source, processor)
 
 
 def load_streamed(name_or_path: str) -> tuple[nn.Module, Any, str, Path]:

@@ -52,6 +52,7 @@ import json
 import warnings
 from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -346,6 +347,77 @@ def collapse_ignore(model: nn.Module, ignore: list[str]) -> list[str]:
     return patterns + [n for n in ignore if not covered(n)]
 
 
+def warn_kv_cache(scheme: Scheme) -> None:
+    """Warn that the export omits ``scheme``'s KV-cache quantization (see the module docstring)."""
+    if scheme.kv_cache is not None:
+        warnings.warn(f"scheme {scheme.name()}: per-token KV-cache quantization has no compressed-tensors "
+                      "equivalent; the export omits it (loaders keep the KV cache in full precision)",
+                      stacklevel=3)
+
+
+def write_export_metadata(folder: Path, scheme: Scheme, ignore: list[str], dtype: torch.dtype | None,
+                          tokenizer: Any, layout: str, quantized: int, groups: list | tuple = ()) -> None:
+    """Make the checkpoint in ``folder`` (tensors and ``config.json`` written) a compressed-tensors export:
+    the config's ``quantization_config`` (``ignore``: the dense linears) and ``transform_config`` (online
+    Hadamard ``groups``), its ``dtype``, ``tokenizer``'s files and the ``lrquant_export.json`` sidecar
+    (``quantized``: how many linears were compressed)."""
+    from compressed_tensors.compressors import ModelCompressor
+
+    config = ct_config(scheme, ignore)
+    ModelCompressor(quantization_config=config,
+                    transform_config=ct_transform_config(groups) if groups else None).update_config(str(folder))
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if dtype is not None:
+        cfg["dtype"] = str(dtype).removeprefix("torch.")
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    sidecar = {
+        "scheme": scheme.name(),
+        "scheme_args": {k: (vars(v) if v is not None else None) for k, v in vars(scheme).items()},
+        "format": str(config.format),
+        "zero_point_layout": layout if packs_zero_point(scheme) else None,
+        "quantized_linears": quantized,
+        "dense_linears": sorted(ignore),
+        "kv_cache_omitted": scheme.kv_cache is not None,
+        "online_transforms": [{"group": g.name, "type": g.kind, "location": LOCATION, **g.spec,
+                               "linears": len(g.targets)} for g in groups],
+    }
+    (folder / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2) + "\n")
+
+
+class CompressedBlocks:
+    """The compressed-tensors export of a model quantized block by block (``--stream-blocks --format
+    compressed-tensors``, :class:`lrquant.streaming.ShardWriter`): each block's compressed state dict as it
+    is finished (:meth:`__call__`), then the metadata (:meth:`finish`), so the export is never assembled in
+    memory. Same tensors and config as :func:`export_compressed` on the whole model (tested)."""
+
+    def __init__(self, scheme: Scheme, dtype: torch.dtype | None = None, layout: str = LAYOUTS[0]) -> None:
+        if layout not in LAYOUTS:
+            raise ConfigError(f"unknown export layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+        self.scheme, self.dtype, self.layout = scheme, dtype, layout
+        self.dense: list[str] = []  # linears inside blocks left dense
+        self.blocks: list[str] = []
+        self.quantized = 0
+
+    def __call__(self, name: str, block: nn.Module) -> dict[str, torch.Tensor]:
+        """Block ``name``'s compressed state dict, keys as in the model (``<name>.<key>``)."""
+        sd, ignore = export_state_dict(block, self.scheme, self.dtype, (), self.layout)
+        self.blocks.append(name)
+        self.dense += [f"{name}.{n}" for n in ignore]
+        self.quantized += sum(1 for k in sd if k.endswith(".weight_scale"))
+        return {f"{name}.{k}": v for k, v in sd.items()}
+
+    def finish(self, folder: Path, model: nn.Module, tokenizer: Any = None) -> None:
+        """The metadata of the export in ``folder`` (tensors and config written); ``model``: the skeleton,
+        whose linears outside the blocks are dense."""
+        warn_kv_cache(self.scheme)
+        outside = [n for n in _linear_names(model) if not any(n.startswith(f"{b}.") for b in self.blocks)]
+        write_export_metadata(folder, self.scheme, collapse_ignore(model, self.dense + outside), self.dtype,
+                              tokenizer, self.layout, self.quantized)
+
+
 def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tokenizer=None,
                       dtype: torch.dtype | None = None, online_ops: list[str] | tuple[str, ...] = (),
                       layout: str = LAYOUTS[0]) -> Path:
@@ -363,17 +435,11 @@ def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tok
     ``layout``: where asymmetric pack-quantized zero points go (:data:`LAYOUTS`): ``"transformers"`` (plain
     ``from_pretrained`` loads it) or ``"vllm"`` (the compact layout vLLM reads). Returns ``out_dir``.
     """
-    from compressed_tensors.compressors import ModelCompressor
-
     if layout not in LAYOUTS:
         raise ConfigError(f"unknown export layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     out = Path(out_dir).absolute()
-    if scheme.kv_cache is not None:
-        warnings.warn(f"scheme {scheme.name()}: per-token KV-cache quantization has no compressed-tensors "
-                      "equivalent; the export omits it (loaders keep the KV cache in full precision)",
-                      stacklevel=2)
+    warn_kv_cache(scheme)
     sd, ignore = export_state_dict(model, scheme, dtype, online_ops, layout)
-    config = ct_config(scheme, ignore)
     groups = online_groups(online_hadamards(model))
     if groups:
         sd.update(transform_tensors(groups, dtype or _float_dtype(model)))
@@ -381,27 +447,8 @@ def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tok
         raise ExportError(f"export target {out} is a file")
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, state_dict=sd)
-        ModelCompressor(quantization_config=config,
-                        transform_config=ct_transform_config(groups) if groups else None).update_config(str(tmp))
-        cfg_path = tmp / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        if dtype is not None:
-            cfg["dtype"] = str(dtype).removeprefix("torch.")
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        sidecar = {
-            "scheme": scheme.name(),
-            "scheme_args": {k: (vars(v) if v is not None else None) for k, v in vars(scheme).items()},
-            "format": str(config.format),
-            "zero_point_layout": layout if packs_zero_point(scheme) else None,
-            "quantized_linears": sum(1 for k in sd if k.endswith(".weight_scale")),
-            "dense_linears": sorted(ignore),
-            "kv_cache_omitted": scheme.kv_cache is not None,
-            "online_transforms": [{"group": g.name, "type": g.kind, "location": LOCATION, **g.spec,
-                                   "linears": len(g.targets)} for g in groups],
-        }
-        (tmp / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2) + "\n")
+        write_export_metadata(tmp, scheme, ignore, dtype, tokenizer, layout,
+                              quantized=sum(1 for k in sd if k.endswith(".weight_scale")), groups=groups)
     return out
 
 
