@@ -169,7 +169,8 @@ def _print_summary(results: dict, out: Path) -> None:
         tta = f"   with TTA {tta:9.3f} ({results['tta'][name]['seconds']:.0f}s)" if tta is not None else ""
         seqlen = results['eval']['seqlen']
         print(f"{name:>12}  FP ppl {fp:9.3f}   quantized ppl {ppl:9.3f}{tta}   ({windows} x {seqlen})")
-    print(f"run folder: {out}  (results.json, recipe.yaml, run.log, model/)")
+    made = [p.name + "/" * p.is_dir() for p in sorted(out.iterdir()) if not p.name.startswith(".")]
+    print(f"run folder: {out}  ({', '.join(made)})")
 
 
 def _vision_job(args: argparse.Namespace, calib: str) -> bool:
