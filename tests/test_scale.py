@@ -285,6 +285,34 @@ def test_streamed_compressed_export_is_the_in_ram_export(tiny_model_dir, tmp_pat
                                    atol=0, rtol=0)
 
 
+def test_streamed_run_resumes_to_the_same_model_and_export(tiny_model_dir, tmp_path, monkeypatch):
+    """A streamed run killed while writing block 1 leaves no model/ or compressed/ but its checkpoint; resumed,
+    it restores the blocks, writes them again and gives both folders of the uninterrupted run."""
+    from lrquant.streaming import ShardWriter
+
+    recipe = _recipe("omniquant")
+    kwargs = {"stream_blocks": True, "export_format": "compressed-tensors", "progress": False}
+    api.run(str(tiny_model_dir), recipe, tmp_path / "full", **kwargs)
+    write = ShardWriter.write_block
+
+    def killed_at_block_1(self, index, name, block):
+        if index == 1:
+            raise KeyboardInterrupt
+        write(self, index, name, block)
+
+    part = tmp_path / "part"
+    with monkeypatch.context() as m:
+        m.setattr(ShardWriter, "write_block", killed_at_block_1)
+        with pytest.raises(KeyboardInterrupt):
+            api.run(str(tiny_model_dir), recipe, part, **kwargs)
+    assert not (part / "model").exists() and not (part / "compressed").exists() and (part / "checkpoint").is_dir()
+    res = api.run(str(tiny_model_dir), recipe, part, resume=True, **kwargs).results
+    assert res["resumed_blocks"] == 2  # block 1 was checkpointed before it was handed to the writer
+    for name in ("model", "compressed"):
+        a, b = _read_folder(tmp_path / "full" / name), _read_folder(part / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
 @pytest.mark.slow
 def test_torchrun_cli_matches_one_process(tiny_model_dir, tmp_path):
     """``torchrun --nproc-per-node 2 -m lrquant quantize`` (gloo) writes the model one process writes, rank 0

@@ -167,7 +167,8 @@ def run(
     ``stream_dtype`` / ``stream_budget_gb``: the calibration streams' dtype and how many GB of them stay in
     RAM (the rest are memory-mapped files in the run folder). ``stream_blocks``: load the model as a
     skeleton and read each block from its safetensors shards only when it is quantized, writing ``model/``
-    shard by shard (models larger than RAM; no evaluation, export or rotation in this mode). Under an
+    shard by shard, and ``compressed/`` the same way for ``export_format="compressed-tensors"`` (models
+    larger than RAM; no evaluation, GGUF export or rotation in this mode). Under an
     initialised process group (torchrun) the blocks train data-parallel; rank 0 alone evaluates and writes,
     the other ranks return after the block loop."""
     from . import distributed as ddp
