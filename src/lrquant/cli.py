@@ -171,6 +171,10 @@ def _print_summary(results: dict, out: Path) -> None:
         print(f"{name:>12}  FP ppl {fp:9.3f}   quantized ppl {ppl:9.3f}{tta}   ({windows} x {seqlen})")
     made = [p.name + "/" * p.is_dir() for p in sorted(out.iterdir()) if not p.name.startswith(".")]
     print(f"run folder: {out}  ({', '.join(made)})")
+    if "zeroshot" in results:
+        from .eval.zeroshot import format_table
+
+        print(format_table(results["zeroshot"], reference=results.get("fp_zeroshot")))
 
 
 def _vision_job(args: argparse.Namespace, calib: str) -> bool:
@@ -251,21 +255,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if _worker():
         return 0
     _print_summary(result.results, out)
-    if "zeroshot" in result.results:
-        from .eval.zeroshot import format_table
-
-        print(format_table(result.results["zeroshot"], reference=result.results.get("fp_zeroshot")))
     return 0
 
 
 def _multimodal_job(args: argparse.Namespace) -> int:
     """An image-text model (LLaVA, Qwen2-VL, Idefics3, Gemma3 folders): see :mod:`lrquant.multimodal`.
-    ``--eval``: text corpora; ``--eval-images``: held-out image-text pairs; ``--eval-limit``: how many."""
+    ``--eval``: text corpora; ``--eval-images``: held-out image-text pairs; ``--eval-limit``: how many;
+    ``--tasks``: zero-shot tasks on text."""
     from .multimodal import run_multimodal
 
-    refused = [flag for flag, given in (("--tta", args.tta), ("--tasks", args.tasks)) if given]
-    if refused:
-        raise ConfigError(f"{', '.join(refused)}: not available for image-text models")
+    if args.tta:
+        raise ConfigError("--tta: not available for image-text models")
     recipe = build_recipe(args)
     out = Path(args.output or f"runs/{recipe.method}-{recipe.scheme.name()}")
     windows = None if args.eval_windows == 0 else args.eval_windows
@@ -273,7 +273,8 @@ def _multimodal_job(args: argparse.Namespace) -> int:
                          eval_limit=args.eval_limit, eval_seqlen=args.eval_seqlen, eval_windows=windows,
                          image_size=args.image_size, data_dir=_data_dir(args), device=args.device,
                          resume=args.resume, overwrite=args.overwrite, save_model=not args.no_save,
-                         progress=not args.quiet, export_format=args.format).results
+                         progress=not args.quiet, export_format=args.format, tasks=_tasks(args),
+                         limit=args.limit).results
     _print_summary(res, out)
     if "caption_ppl" in res:
         print(f"{'captions':>12}  FP ppl {res['fp_caption_ppl']:9.3f}   quantized ppl {res['caption_ppl']:9.3f}   "

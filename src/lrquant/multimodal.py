@@ -205,6 +205,8 @@ def run_multimodal(
     save_model: bool = True,
     progress: bool = True,
     export_format: str | None = None,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
     processor: Any = None,
 ) -> Any:
     """The multimodal job end to end in the run folder ``output_dir`` (the rules of :mod:`lrquant.runs`).
@@ -213,7 +215,9 @@ def run_multimodal(
     held-out pairs for the caption perplexity and the image-feature agreement come from (default: the
     calibration pairs' source, disjoint from the ``nsamples`` drawn for calibration; none with text
     calibration and no ``eval_pairs``); ``eval_limit``: how many (default 16). ``image_size``: the square
-    side images are resized to (default :func:`lrquant.data.multimodal.default_image_size`).
+    side images are resized to (default :func:`lrquant.data.multimodal.default_image_size`). ``tasks`` /
+    ``limit``: lm-eval zero-shot tasks on text (:func:`lrquant.eval.zeroshot.run_zeroshot`; the image-text
+    model takes text-only inputs), before and after quantization.
     ``processor``: use this processor instead of loading the folder's (tests). Returns a
     :class:`lrquant.api.RunResult`.
     """
@@ -227,6 +231,10 @@ def run_multimodal(
     eval_datasets = eval_datasets or []
     if recipe.tta is not None:
         raise ConfigError("test-time adaptation is not available for image-text models")
+    if tasks:
+        from .eval.zeroshot import resolve_tasks, run_zeroshot
+
+        resolve_tasks(tasks)
     parts_quantized = recipe.parts.vision is not None or recipe.parts.projector
     if export_format not in (None, "fake") and parts_quantized:
         raise ConfigError(f"--format {export_format} writes one scheme for the language model; a quantized vision "
@@ -271,6 +279,8 @@ def run_multimodal(
         if eval_sets:
             fp_text = fp_ppl_cached(model_id, model, eval_sets, eval_seqlen, eval_windows, device, progress)
             results["fp_ppl"] = {k: v["ppl"] for k, v in fp_text.items()}
+        if tasks:
+            results["fp_zeroshot"] = run_zeroshot(model, tokenizer, tasks, limit=limit, device=device)
         if eval_samples:
 
             def fp_outputs(m: nn.Module) -> dict[str, torch.Tensor]:
@@ -297,6 +307,9 @@ def run_multimodal(
             q = evaluate_ppl(model, eval_sets, eval_seqlen, eval_windows, device, progress)
             results["ppl"] = {k: v["ppl"] for k, v in q.items()}
             results["eval"]["detail"] = q
+        if tasks:
+            results["zeroshot"] = run_zeroshot(model, tokenizer, tasks, limit=limit, device=device)
+            results["zeroshot_limit"] = limit
         if eval_samples:
             model.to(device)
             results["caption_ppl"] = caption_ppl(model, eval_samples, device)
