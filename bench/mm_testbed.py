@@ -6,16 +6,16 @@ language model (byte-identical weights; its ``<filename>`` special token stands 
 the vocabulary is unchanged), and LLaVA's two-linear GELU projector fitted on a split of the 1,000 ImageNet
 sample images (``<data>/imagenet-sample-images``) with their class-name captions ("a photo of a tench"),
 tower and language model frozen. Images are 84 x 84 (6 x 6 patches of 14: 36 image tokens, the CLS token
-dropped; small, so that building and the table fit a shared 2-core CPU); the tower's features are its last
-block's output. The fit is closed-form (:func:`fit_projector`: random features + ridge regression onto the
-class names' token embeddings), not caption-NLL training: one backward pass through the language model
-took about a minute on the loaded machine.
+dropped; small, so that building and the table fit a 2-core CPU); the tower's features are its last block's
+output. The projector is trained on the caption loss (:func:`fit_projector`: the cross-entropy of the
+caption's tokens given the image, AdamW, 100 steps of 8 pairs, cosine decay; about 2.5 s a step on 2 idle
+cores). Version 1 used a closed-form proxy instead (ridge regression onto the class names' token
+embeddings), which made the held-out caption perplexity worse than a random projector (213.8 vs 94.4).
 
-It is a test bed with real activation statistics in both towers, **not** a useful VLM: ImageNet's sample
-set has one image per class, so the held-out images are of classes the projector never saw, and a few hundred
-pairs are far below what a real projector is aligned on. ``testbed.json`` in the folder records the split,
-the fit and the held-out caption perplexity with the fitted projector against the untrained one; measured:
-213.8 fitted vs 94.4 untrained (and 256.4 on the fit pairs), i.e. this proxy fit does not align the towers.
+It is a test bed with real activation statistics in both towers and an aligned projector, **not** a useful
+VLM: it has seen 240 images with one-line captions. ImageNet's sample set has one image per class, so the
+held-out images are of classes the projector never saw. ``testbed.json`` in the folder records the split,
+the fit and the held-out caption perplexity with the trained projector against the untrained one.
 
 Split (seed 0 over the sorted file list): 240 images fit the projector; of the others, 48 are the calibration
 pool (``calib.jsonl``) and 32 the held-out evaluation pairs (``eval.jsonl``).
@@ -36,14 +36,13 @@ import transformers as T
 
 IMAGE_SIZE = 84
 IMAGE_TOKEN = "<filename>"
-CAPTION_PREFIX = "a photo of a "
 TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}" + IMAGE_TOKEN + "{% else %}{{ c['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 N_FIT, N_CALIB, N_EVAL = 240, 48, 32
-VERSION = 1
+VERSION = 2
 
 
 def folder_for(cache: Path) -> Path:
@@ -78,34 +77,27 @@ def assemble(data_dir: Path) -> tuple[T.LlavaForConditionalGeneration, T.LlavaPr
     return model, proc
 
 
-@torch.no_grad()
-def tower_features(model, samples) -> torch.Tensor:
-    """The tower features the projector receives (last block's output, CLS dropped), ``[N, T, 384]``."""
-    out = []
-    for s in samples:
-        hs = model.model.vision_tower(s.inputs["pixel_values"], output_hidden_states=True).hidden_states[-1]
-        out.append(hs[:, 1:])
-    return torch.cat(out)
+def fit_projector(model, samples, steps: int = 100, batch: int = 8, lr: float = 1e-3, seed: int = 1) -> None:
+    """Train LLaVA's projector (``linear_2(GELU(linear_1(x)))``) on the caption loss of ``samples`` (each a
+    :class:`lrquant.data.multimodal.PairSample`), tower and language model frozen: AdamW, ``steps`` steps
+    of ``batch`` pairs drawn with ``seed``, cosine-decayed ``lr``."""
+    import torch.nn.functional as F
 
-
-@torch.no_grad()
-def fit_projector(model, proc, feats: torch.Tensor, captions: list[str], ridge: float = 1e-2) -> None:
-    """Fit LLaVA's projector (``linear_2(GELU(linear_1(x)))``) in closed form, tower and language model frozen:
-    ``linear_1`` keeps its seeded random init (random features), ``linear_2`` is the ridge-regression solution
-    mapping every image token of an image to the mean input embedding of its class name's tokens (so the image
-    tokens read to the language model like the caption's words). ``feats [N, T, 384]``."""
     projector = model.model.multi_modal_projector
-    embed = model.model.language_model.embed_tokens.weight
-    names = [c.removeprefix(CAPTION_PREFIX) for c in captions]
-    target = torch.stack([embed[proc.tokenizer(" " + n, add_special_tokens=False)["input_ids"]].mean(0) for n in names])
-    hidden = projector.act(projector.linear_1(feats)).reshape(-1, projector.linear_2.in_features).double()
-    y = target.repeat_interleave(feats.shape[1], dim=0).double()
-    h = torch.cat([hidden, torch.ones(hidden.shape[0], 1, dtype=torch.float64)], dim=1)
-    gram = h.T @ h
-    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
-    solution = torch.linalg.solve(gram, h.T @ y)  # [in + 1, out]
-    projector.linear_2.weight.copy_(solution[:-1].T.float())
-    projector.linear_2.bias.copy_(solution[-1].float())
+    model.requires_grad_(False)
+    projector.requires_grad_(True)
+    opt = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    rng = random.Random(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        for s in rng.sample(samples, batch):
+            logits = model(**s.inputs).logits  # token t is predicted at position t - 1
+            loss = F.cross_entropy(logits[0, s.start - 1 : s.end - 1], s.inputs["input_ids"][0, s.start : s.end])
+            (loss / batch).backward()
+        opt.step()
+        schedule.step()
+    model.requires_grad_(False)
 
 
 def build(data_dir: Path, cache: Path) -> Path:
@@ -124,16 +116,17 @@ def build(data_dir: Path, cache: Path) -> Path:
     fit, calib, held = pairs[:N_FIT], pairs[N_FIT : N_FIT + N_CALIB], pairs[N_FIT + N_CALIB : N_FIT + N_CALIB + N_EVAL]
     fit_samples, held_samples = pair_inputs(proc, fit, IMAGE_SIZE), pair_inputs(proc, held, IMAGE_SIZE)
     before = caption_ppl(model, held_samples)
-    fit_projector(model, proc, tower_features(model, fit_samples), [t for _, t in fit])
+    fit_projector(model, fit_samples)
     after = caption_ppl(model, held_samples)
     fitted = caption_ppl(model, fit_samples[:N_EVAL])
-    print(f"held-out caption perplexity: untrained projector {before:.2f}, fitted {after:.2f} (fit pairs {fitted:.2f})")
+    print(f"held-out caption perplexity: untrained projector {before:.2f}, trained {after:.2f} "
+          f"(fit pairs {fitted:.2f})")
     info = {"image_size": IMAGE_SIZE, "image_tokens": (IMAGE_SIZE // 14) ** 2,
             "split": {"fit": N_FIT, "calib": N_CALIB, "eval": N_EVAL},
-            "fit": "closed-form ridge regression of linear_2 (linear_1 random features, seed 0) onto the mean input "
-                   "embedding of each class name's tokens",
-            "caption_ppl": {"held_out_untrained_projector": before, "held_out_fitted_projector": after,
-                            f"first_{N_EVAL}_fit_pairs_fitted_projector": fitted},
+            "fit": "projector trained on the caption cross-entropy of the fit pairs: AdamW lr 1e-3, cosine, 100 steps "
+                   "of 8 pairs (seed 1); tower and language model frozen",
+            "caption_ppl": {"held_out_untrained_projector": before, "held_out_trained_projector": after,
+                            f"first_{N_EVAL}_fit_pairs_trained_projector": fitted},
             "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
@@ -150,8 +143,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", required=True, type=Path)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared CPU, 2 threads ran 10x "
-                                                              "slower per op than 1 here)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a CPU shared with other jobs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     folder = build(args.data_dir, cache_dir())

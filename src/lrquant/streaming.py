@@ -335,9 +335,11 @@ class ShardWriter:
         (with the standard attention implementation) and ``processor``'s files; then the writers in ``also``."""
         for number, key in enumerate(self.rest, start=self.blocks + 1):
             try:
-                dtype: torch.dtype | None = self.cast or model.get_parameter(key).dtype
+                dtype: torch.dtype | None = model.get_parameter(key).dtype
             except AttributeError:  # a buffer: as stored
                 dtype = None
+            else:
+                dtype = self.cast or dtype
             file = f"model-{number:05d}-of-{self.total:05d}.safetensors"
             shape, dtype = copy_tensor(source.folder / source.map[key], key, self.folder / file, dtype)
             self.weight_map[key] = file

@@ -347,6 +347,12 @@ def collapse_ignore(model: nn.Module, ignore: list[str]) -> list[str]:
     return patterns + [n for n in ignore if not covered(n)]
 
 
+def check_layout(layout: str) -> None:
+    """Refuse a zero-point layout that is not one of :data:`LAYOUTS`."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown export layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+
+
 def warn_kv_cache(scheme: Scheme) -> None:
     """Warn that the export omits ``scheme``'s KV-cache quantization (see the module docstring)."""
     if scheme.kv_cache is not None:
@@ -394,8 +400,7 @@ class CompressedBlocks:
     memory. Same tensors and config as :func:`export_compressed` on the whole model (tested)."""
 
     def __init__(self, scheme: Scheme, dtype: torch.dtype | None = None, layout: str = LAYOUTS[0]) -> None:
-        if layout not in LAYOUTS:
-            raise ConfigError(f"unknown export layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+        check_layout(layout)
         self.scheme, self.dtype, self.layout = scheme, dtype, layout
         self.dense: list[str] = []  # linears inside blocks left dense
         self.blocks: list[str] = []
@@ -409,13 +414,13 @@ class CompressedBlocks:
         self.quantized += sum(1 for k in sd if k.endswith(".weight_scale"))
         return {f"{name}.{k}": v for k, v in sd.items()}
 
-    def finish(self, folder: Path, model: nn.Module, tokenizer: Any = None) -> None:
-        """The metadata of the export in ``folder`` (tensors and config written); ``model``: the skeleton,
-        whose linears outside the blocks are dense."""
+    def finish(self, folder: Path, model: nn.Module) -> None:
+        """The metadata of the export in ``folder`` (tensors, config and tokenizer written); ``model``: the
+        skeleton, whose linears outside the blocks are dense."""
         warn_kv_cache(self.scheme)
         outside = [n for n in _linear_names(model) if not any(n.startswith(f"{b}.") for b in self.blocks)]
         write_export_metadata(folder, self.scheme, collapse_ignore(model, self.dense + outside), self.dtype,
-                              tokenizer, self.layout, self.quantized)
+                              None, self.layout, self.quantized)
 
 
 def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tokenizer=None,
@@ -435,8 +440,7 @@ def export_compressed(model: nn.Module, scheme: Scheme, out_dir: str | Path, tok
     ``layout``: where asymmetric pack-quantized zero points go (:data:`LAYOUTS`): ``"transformers"`` (plain
     ``from_pretrained`` loads it) or ``"vllm"`` (the compact layout vLLM reads). Returns ``out_dir``.
     """
-    if layout not in LAYOUTS:
-        raise ConfigError(f"unknown export layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    check_layout(layout)
     out = Path(out_dir).absolute()
     warn_kv_cache(scheme)
     sd, ignore = export_state_dict(model, scheme, dtype, online_ops, layout)
