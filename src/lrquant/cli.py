@@ -158,7 +158,9 @@ def _given(value, default):
     return default if value is None else value
 
 
-def _print_summary(results: dict, out: Path) -> None:
+def _print_summary(results: dict, out: Path, *lines: str) -> None:
+    """The run's figures (``lines``: more of them, printed after the perplexities), its folder's contents and
+    the zero-shot table."""
     print(f"\nmethod {results['method']}  scheme {results['scheme_name']}  calibration {results['calib_time_s']:.1f}s"
           f"  peak RSS {results['peak_rss_gb']:.2f} GB")
     for name, ppl in results.get("ppl", {}).items():
@@ -169,6 +171,8 @@ def _print_summary(results: dict, out: Path) -> None:
         tta = f"   with TTA {tta:9.3f} ({results['tta'][name]['seconds']:.0f}s)" if tta is not None else ""
         seqlen = results['eval']['seqlen']
         print(f"{name:>12}  FP ppl {fp:9.3f}   quantized ppl {ppl:9.3f}{tta}   ({windows} x {seqlen})")
+    for line in lines:
+        print(line)
     made = [p.name + "/" * p.is_dir() for p in sorted(out.iterdir()) if not p.name.startswith(".")]
     print(f"run folder: {out}  ({', '.join(made)})")
     if "zeroshot" in results:
@@ -275,10 +279,10 @@ def _multimodal_job(args: argparse.Namespace) -> int:
                          resume=args.resume, overwrite=args.overwrite, save_model=not args.no_save,
                          progress=not args.quiet, export_format=args.format, tasks=_tasks(args),
                          limit=args.limit).results
-    _print_summary(res, out)
-    if "caption_ppl" in res:
-        print(f"{'captions':>12}  FP ppl {res['fp_caption_ppl']:9.3f}   quantized ppl {res['caption_ppl']:9.3f}   "
-              f"({res['eval']['pairs']} held-out pairs; image-feature cosine {res['image_feature_cosine']:.5f})")
+    captions = [f"{'captions':>12}  FP ppl {res['fp_caption_ppl']:9.3f}   quantized ppl {res['caption_ppl']:9.3f}   "
+                f"({res['eval']['pairs']} held-out pairs; image-feature cosine {res['image_feature_cosine']:.5f})"
+                ] if "caption_ppl" in res else []
+    _print_summary(res, out, *captions)
     return 0
 
 
