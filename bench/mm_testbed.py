@@ -8,8 +8,8 @@ sample images (``<data>/imagenet-sample-images``) with their class-name captions
 tower and language model frozen. Images are 84 x 84 (6 x 6 patches of 14: 36 image tokens, the CLS token
 dropped; small, so that building and the table fit a 2-core CPU); the tower's features are its last block's
 output. The projector is trained on the caption loss (:func:`fit_projector`: the cross-entropy of the
-caption's tokens given the image, AdamW, 100 steps of 8 pairs, cosine decay; about 2.5 s a step on 2 idle
-cores). Version 1 used a closed-form proxy instead (ridge regression onto the class names' token
+caption's tokens given the image, AdamW, 100 steps of 8 pairs, cosine decay; the whole build took 283 s
+on 2 idle cores). Version 1 used a closed-form proxy instead (ridge regression onto the class names' token
 embeddings), which made the held-out caption perplexity worse than a random projector (213.8 vs 94.4).
 
 It is a test bed with real activation statistics in both towers and an aligned projector, **not** a useful

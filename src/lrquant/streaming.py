@@ -265,6 +265,11 @@ def _tied_source(model: nn.Module, key: str) -> str:
     return key
 
 
+def _block_state(name: str, block: nn.Module) -> dict[str, torch.Tensor]:
+    """A finished block's state dict, keys as ``save_pretrained`` names them in the whole model."""
+    return {f"{name}.{k}": v for k, v in block.state_dict().items()}
+
+
 class ShardWriter:
     """Writes the quantized checkpoint into ``folder`` shard by shard (see the module docstring): one shard
     per block (``blocks`` of them), then one per tensor outside the blocks (``rest``: their names in the
@@ -283,7 +288,7 @@ class ShardWriter:
         self.weight_map: dict[str, str] = {}
         self.size = 0
         self.qparams = qparams
-        self.convert = convert
+        self.convert = convert or _block_state
         self.cast = cast
         self.also: list[ShardWriter] = []
 
@@ -305,8 +310,11 @@ class ShardWriter:
         rest = [k for k in source.map if not any(k.startswith(f"{n}.") for n in names)]
         return cls(folder, len(names), rest, TensorSpool(spool))
 
+    def _file(self, number: int) -> str:
+        return f"model-{number:05d}-of-{self.total:05d}.safetensors"
+
     def _write(self, number: int, tensors: dict[str, torch.Tensor]) -> None:
-        file = f"model-{number:05d}-of-{self.total:05d}.safetensors"
+        file = self._file(number)
         tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
         save_file(tensors, str(self.folder / file), metadata={"format": "pt"})
         for k, v in tensors.items():
@@ -318,10 +326,7 @@ class ShardWriter:
         ``index + 1``, and its frozen quantization parameters; then the same for the writers in ``also``."""
         from .export.qparams import quant_state
 
-        if self.convert is not None:
-            self._write(index + 1, self.convert(name, block))
-        else:
-            self._write(index + 1, {f"{name}.{k}": v for k, v in block.state_dict().items()})
+        self._write(index + 1, self.convert(name, block))
         if self.qparams is not None:
             for k, v in quant_state(block).items():
                 self.qparams.add(f"{name}.{k}", v)
@@ -340,7 +345,7 @@ class ShardWriter:
                 dtype = None
             else:
                 dtype = self.cast or dtype
-            file = f"model-{number:05d}-of-{self.total:05d}.safetensors"
+            file = self._file(number)
             shape, dtype = copy_tensor(source.folder / source.map[key], key, self.folder / file, dtype)
             self.weight_map[key] = file
             self.size += math.prod(shape) * dtype.itemsize
